@@ -1,0 +1,56 @@
+"""The sampler: a diffusers pipeline with the LoRA adapter, producing trajectories as Arrow.
+
+A plain class; the driver runs N of them as Ray actors named `sampler-<i>`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+
+from ddpo.config import Config
+from ddpo.diffusion import sample_trajectories
+from ddpo.lora import LoraState, attach_lora, get_lora_state, load_lora_state
+from ddpo.pipeline import load_pipeline
+from ddpo.trajectory import LATENTS, to_record_batch
+
+
+class Sampler:
+    def __init__(self, config: Config, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.config = config
+        self.pipe = load_pipeline(
+            config.model.pretrained, config.model.revision, config.model.device,
+            config.model.dtype, seed=config.seed,
+        )
+        lora = config.lora
+        attach_lora(self.pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
+        self.policy_version = -1  # no weights from the learner yet
+
+    def set_weights(self, weights: tuple[int, LoraState]) -> float:
+        """Load a broadcast LoRA version in place; returns the seconds it took."""
+        start = time.perf_counter()
+        version, state = weights
+        if version != self.policy_version:
+            load_lora_state(self.pipe.unet, state)
+            self.policy_version = version
+        return time.perf_counter() - start
+
+    def weights(self) -> tuple[int, LoraState]:
+        return self.policy_version, get_lora_state(self.pipe.unet)
+
+    def sample(self, batch_id: str, prompts: list[str], seeds: list[int]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        """One sample batch: (the full trajectories, the same rows without latents). The reward
+        pool and the driver only need the second; the learner needs the first."""
+        if self.policy_version < 0:
+            raise RuntimeError("sampler has no policy weights yet: call set_weights first")
+        s = self.config.sample
+        trajectories = sample_trajectories(
+            self.pipe, prompts, seeds, s.num_steps, s.guidance_scale, s.eta, s.height, s.width,
+            s.log_prob_reduction,
+        )
+        batch = to_record_batch(trajectories, batch_id, self.policy_version)
+        return batch, batch.drop_columns([LATENTS])

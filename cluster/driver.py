@@ -1,0 +1,185 @@
+"""The DDPO driver on Ray: sample -> reward -> train -> broadcast, one epoch at a time.
+
+    samplers (sampler-<i>) --Arrow trajectories--> reward pool (reward-<j>) --rewards--> learner
+        ^                                                                                  |
+        +-------------------- one ObjectRef per LoRA version (policy_version) -------------+
+
+With `cluster.max_policy_lag = k`, sampling runs up to k epochs ahead of the learner, with the
+newest weights the samplers have; batches more than k versions old are dropped and counted.
+k = 0 is the paper's synchronous algorithm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.util import ActorPool
+from tqdm.auto import tqdm
+
+from actors.reward import RewardWorker
+from actors.sampler import Sampler
+from cluster.run_dir import checkpoint_dir, is_checkpoint_epoch, record_epoch
+from ddpo.config import ActorResources, Config
+from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
+from learner import Learner
+
+
+class LearnerActor(Learner):
+    """The learner as the `learner` actor: takes the trajectories as object refs, so they move
+    from the samplers' object store to the learner without passing through the driver."""
+
+    def __init__(self, config: Config, num_threads: int):
+        torch.set_num_threads(num_threads)
+        super().__init__(config)
+
+    def train_on(self, trajectory_refs: list[ray.ObjectRef], rewards: list[np.ndarray]) -> dict:
+        return self.train(ray.get(trajectory_refs), rewards)
+
+
+@dataclass
+class SampleTask:
+    spec: SampleBatchSpec
+    trajectory_ref: ray.ObjectRef  # the full trajectories (with latents), for the learner
+    summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
+
+
+def _options(name: str, resources: ActorResources) -> dict:
+    return {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+
+
+def _threads(resources: ActorResources) -> int:
+    return max(1, int(resources.num_cpus))
+
+
+class Driver:
+    def __init__(self, config: Config, run_dir: Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.prompts = config.load_prompts()
+        c = config.cluster
+        self.learner = ray.remote(LearnerActor).options(**_options("learner", c.learner)).remote(
+            config, _threads(c.learner)
+        )
+        self.samplers = [
+            ray.remote(Sampler).options(**_options(f"sampler-{i}", c.sampler)).remote(config, _threads(c.sampler))
+            for i in range(c.num_samplers)
+        ]
+        self.reward_actors = [
+            ray.remote(RewardWorker).options(**_options(f"reward-{i}", c.reward)).remote(config.reward.name)
+            for i in range(c.num_reward_actors)
+        ]
+        self.reward_pool = ActorPool(self.reward_actors)
+        self.policy_version = 0
+
+    def shutdown(self) -> None:
+        for actor in [self.learner, *self.samplers, *self.reward_actors]:
+            ray.kill(actor)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def broadcast(self, wait: bool) -> None:
+        """Put the learner's LoRA into the object store once and hand the one ref to every
+        sampler; each loads it in place before its next batch (actor calls run in order)."""
+        weights_ref = self.learner.weights.remote()
+        ray.wait([weights_ref], fetch_local=False)
+        loaded = [sampler.set_weights.remote(weights_ref) for sampler in self.samplers]
+        if wait:
+            ray.get(loaded)
+
+    def submit_sampling(self, epoch: int) -> list[SampleTask]:
+        tasks = []
+        for i, spec in enumerate(epoch_plan(self.config, self.prompts, epoch)):
+            sampler = self.samplers[i % len(self.samplers)]
+            trajectory_ref, summary_ref = sampler.sample.options(num_returns=2).remote(
+                spec.batch_id, spec.prompts, spec.seeds
+            )
+            tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
+        return tasks
+
+    def collect(self, tasks: list[SampleTask], progress: tqdm) -> tuple[dict, float, float]:
+        """Wait for an epoch's sample batches, scoring each in the reward pool as soon as it is
+        made. Returns ({batch_id: (rewards, info)}, sample seconds, reward seconds after that)."""
+        start = time.perf_counter()
+        waiting = [task.summary_ref for task in tasks]
+        scored: dict[str, tuple[np.ndarray, dict]] = {}
+        sampled_at = start
+        while len(scored) < len(tasks):
+            if waiting:
+                block = not self.reward_pool.has_next()
+                ready, waiting = ray.wait(waiting, num_returns=1 if block else len(waiting),
+                                          timeout=None if block else 0)
+                for ref in ready:
+                    self.reward_pool.submit(lambda actor, summary: actor.score.remote(summary), ref)
+                if not waiting:
+                    sampled_at = time.perf_counter()
+            if self.reward_pool.has_next():
+                try:
+                    batch_id, rewards, info = self.reward_pool.get_next_unordered(
+                        timeout=0.02 if waiting else None
+                    )
+                except TimeoutError:
+                    continue
+                scored.setdefault(batch_id, (rewards, info))  # a batch id counts once
+                progress.update(len(rewards))
+        return scored, sampled_at - start, time.perf_counter() - sampled_at
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        config = self.config
+        max_lag = config.cluster.max_policy_lag
+        self.broadcast(wait=True)
+        in_flight: deque[list[SampleTask]] = deque()
+        next_epoch = 0
+        history = []
+        epochs = tqdm(range(config.num_epochs), desc="epochs", unit="epoch")
+        for epoch in epochs:
+            epoch_start = time.perf_counter()
+            # keep sampling up to max_lag epochs ahead of the learner
+            while next_epoch < config.num_epochs and next_epoch <= epoch + max_lag:
+                in_flight.append(self.submit_sampling(next_epoch))
+                next_epoch += 1
+            tasks = in_flight.popleft()
+            with tqdm(total=config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
+                      unit="img", leave=False) as progress:
+                scored, time_sample, time_reward = self.collect(tasks, progress)
+            summaries = ray.get([task.summary_ref for task in tasks])
+
+            # drop batches made with weights more than max_lag versions old
+            fresh = fresh_batches([s.column("policy_version")[0].as_py() for s in summaries],
+                                  self.policy_version, max_lag)
+            train_start = time.perf_counter()
+            learner_metrics = ray.get(self.learner.train_on.remote(
+                [tasks[i].trajectory_ref for i in fresh],
+                [scored[tasks[i].spec.batch_id][0] for i in fresh],
+            ))
+            time_train = time.perf_counter() - train_start
+            self.policy_version += 1
+
+            broadcast_start = time.perf_counter()
+            self.broadcast(wait=max_lag == 0)
+            time_broadcast = time.perf_counter() - broadcast_start
+
+            trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
+            metrics = record_epoch(
+                self.run_dir, epoch, self.policy_version,
+                table=pa.Table.from_batches(trajectories),
+                scored=[scored[task.spec.batch_id] for task in tasks],
+                learner_metrics=learner_metrics,
+                dropped_stale=len(tasks) - len(fresh),
+                timings={"time_sample_s": time_sample, "time_reward_s": time_reward,
+                         "time_train_s": time_train, "time_broadcast_s": time_broadcast,
+                         "time_epoch_s": time.perf_counter() - epoch_start},
+            )
+            if is_checkpoint_epoch(config, epoch):
+                ray.get(self.learner.save_checkpoint.remote(checkpoint_dir(self.run_dir, epoch)))
+            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
+            history.append(metrics)
+        return history

@@ -1,0 +1,101 @@
+"""The run directory `runs/<name>/`: resolved config, metrics.jsonl, sample grids, trajectories
+(Parquet) and checkpoints. Written by the driver; shared by the Ray run and the in-process one."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from ddpo.config import Config, save_config
+from ddpo.trajectory import images_of, write_parquet
+
+
+def make_run_dir(config: Config) -> Path:
+    name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.output_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"run_name: '{run_dir}' already holds a run; choose another run_name")
+    for sub in ("samples", "trajectories", "checkpoints"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def is_checkpoint_epoch(config: Config, epoch: int) -> bool:
+    every = config.checkpoint_every
+    return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs
+
+
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+
+
+def append_metrics(run_dir: Path, metrics: dict) -> None:
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+def with_rewards(table: pa.Table, rewards: np.ndarray, info: dict[str, list]) -> pa.Table:
+    """The epoch's rows with their reward and the reward's per-image extras (`info.<key>`)."""
+    table = table.append_column("reward", pa.array(rewards, pa.float32()))
+    for key, values in info.items():
+        table = table.append_column(f"info.{key}", pa.array(values))
+    return table
+
+
+def write_trajectories(run_dir: Path, epoch: int, table: pa.Table) -> None:
+    write_parquet(table, run_dir / "trajectories" / f"epoch_{epoch:04d}.parquet")
+
+
+def write_sample_grid(run_dir: Path, epoch: int, table: pa.Table, max_images: int = 16) -> None:
+    """A grid of the epoch's first images, each captioned with its prompt and reward."""
+    table = table.slice(0, max_images)
+    images = images_of(table)
+    prompts = table.column("prompt").to_pylist()
+    rewards = table.column("reward").to_pylist()
+    cell = max(128, images.shape[1])
+    caption = 24
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + caption)
+        grid.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 1), prompt[:24], fill="black")
+        draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
+    grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
+
+
+def record_epoch(run_dir: Path, epoch: int, policy_version: int, table: pa.Table,
+                 scored: list[tuple[np.ndarray, dict[str, list]]], learner_metrics: dict,
+                 dropped_stale: int, timings: dict[str, float]) -> dict:
+    """Write the epoch's trajectories, sample grid and metrics line; return the metrics."""
+    rewards = np.concatenate([r for r, _ in scored])
+    info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
+    table = with_rewards(table, rewards, info)
+    write_trajectories(run_dir, epoch, table)
+    write_sample_grid(run_dir, epoch, table)
+    metrics = {
+        "epoch": epoch,
+        "policy_version": policy_version,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "approx_kl": learner_metrics.get("approx_kl", float("nan")),
+        "clipfrac": learner_metrics.get("clipfrac", float("nan")),
+        "loss": learner_metrics.get("loss", float("nan")),
+        "samples_per_s": learner_metrics.get("num_samples", 0) / timings["time_epoch_s"],
+        "policy_lag_mean": learner_metrics.get("policy_lag_mean", float("nan")),
+        "dropped_stale": dropped_stale,
+        **timings,
+        **{k: v for k, v in learner_metrics.items() if k not in ("approx_kl", "clipfrac", "loss")},
+    }
+    append_metrics(run_dir, metrics)
+    return metrics

@@ -1,0 +1,350 @@
+"""The experiment config: a typed schema, YAML loading, `--set key=value` overrides, validation.
+
+Every field has a default; a YAML file overrides some of them, and `--set` overrides the file.
+Anything wrong is a `ConfigError` whose one-line message names the field to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field (e.g. `train.clip_range`)."""
+
+
+@dataclass
+class ModelConfig:
+    # A local diffusers folder, a Hugging Face hub id, or `builtin:tiny` (a tiny random
+    # Stable-Diffusion-shaped pipeline built in code, for CPU smoke runs and tests).
+    pretrained: str = "builtin:tiny"
+    revision: str | None = None
+    # `auto` picks cuda when available, else cpu.
+    device: str = "auto"
+    # dtype of the frozen weights and of the stored latents (float16 on GPU, as the paper).
+    # The LoRA weights always train in float32.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    # UNet attention projections, as the public DDPO implementation.
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class PromptConfig:
+    # An inline list, or a text file with one prompt per line (when set, it replaces the list).
+    prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a horse", "a bird"])
+    file: str | None = None
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 10
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    height: int = 32
+    width: int = 32
+    # images per sampler task (one "sample batch", the unit that carries an id)
+    batch_size: int = 8
+    # sample batches per epoch; samples per epoch = batch_size * num_batches_per_epoch
+    num_batches_per_epoch: int = 4
+    # log p(x_{t-1} | x_t, c) over the latent's elements: `mean` as the public implementation
+    # (its hyperparameters assume it), or `sum` for the true Gaussian log density.
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+
+
+@dataclass
+class TrainConfig:
+    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr"] = "ddpo_is"
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    # samples per minibatch; one optimizer step per `gradient_accumulation_steps` minibatches
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_inner_epochs: int = 1
+    # fraction of each trajectory's timesteps trained on (a fresh random subset per sample)
+    timestep_fraction: float = 1.0
+    shuffle_samples: bool = True
+    shuffle_timesteps: bool = True
+    # classifier-free guidance in the training forward pass, as in sampling
+    cfg: bool = True
+    max_grad_norm: float = 1.0
+    # DDPO-IS: PPO clip range of the ratio
+    clip_range: float = 1e-4
+    # advantages are clipped to [-adv_clip_max, adv_clip_max]
+    adv_clip_max: float = 5.0
+    # decoupled PPO for max_policy_lag >= 1: truncation c of the importance weight
+    # min(c, p_prox / p_behaviour)
+    importance_weight_cap: float = 1.0
+    # RWR: weights exp(r / beta), or 0/1 weights on the top `rwr_top_fraction` if sparse
+    rwr_beta: float = 1.0
+    rwr_sparse: bool = False
+    rwr_top_fraction: float = 0.1
+
+
+@dataclass
+class AdvantageConfig:
+    per_prompt_stat_tracking: bool = True
+    # running buffer of recent rewards per prompt
+    buffer_size: int = 32
+    # below this many rewards for a prompt, normalise with the batch's statistics
+    min_count: int = 16
+
+
+@dataclass
+class RewardConfig:
+    # a registered reward (see `rewards/`) or a `module:function` path
+    name: str = "jpeg_compressibility"
+
+
+@dataclass
+class ActorResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    # None: start a local Ray instance (dashboard on 127.0.0.1); `auto` or `ray://...`: connect
+    address: str | None = None
+    num_samplers: int = 1
+    num_reward_actors: int = 1
+    # 0: fully synchronous, the paper's algorithm; k >= 1: train on batches made with weights
+    # up to k versions old (decoupled PPO corrects for it); older batches are dropped and counted
+    max_policy_lag: int = 0
+    sampler: ActorResources = field(default_factory=ActorResources)
+    reward: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
+    learner: ActorResources = field(default_factory=ActorResources)
+
+
+@dataclass
+class Config:
+    run_name: str | None = None  # default: a timestamp
+    output_dir: str = "runs"
+    seed: int = 0
+    num_epochs: int = 10
+    # write a LoRA checkpoint every this many epochs (and at the end); 0 = only at the end
+    checkpoint_every: int = 0
+    # also write the latents of every trajectory to Parquet (large)
+    save_latents: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_prompts(self) -> list[str]:
+        """The prompt list, from `prompts.file` if given; empty lists are a ConfigError."""
+        if self.prompts.file is None:
+            return list(self.prompts.prompts)
+        path = Path(self.prompts.file)
+        if not path.is_file():
+            raise ConfigError(f"prompts.file: no such file '{path}'")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"prompts.file: '{path}' holds no prompts (one per line expected)")
+        return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with the field path in every error.
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown config key{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.learning_rate=1e-3", ...]` -> nested dict; values are parsed as YAML."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file '{path}'")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"--config: '{path}' is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: '{path}' must hold a mapping of config keys")
+    data = _merge(data, parse_overrides(overrides or []))
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Range and consistency checks that the types alone do not catch."""
+    s, t, a, c = config.sample, config.train, config.advantage, config.cluster
+    _check(config.num_epochs >= 1, "num_epochs: must be >= 1")
+    _check(config.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
+    _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
+    _check(len(config.lora.target_modules) > 0, "lora.target_modules: must name at least one module")
+    _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
+           "prompts.prompts: the prompt list is empty")
+    _check(s.num_steps >= 1, "sample.num_steps: must be >= 1")
+    _check(s.eta > 0, "sample.eta: must be > 0 (with eta = 0 the DDIM step is deterministic "
+                      "and has no log-probability)")
+    _check(s.guidance_scale >= 1.0, "sample.guidance_scale: must be >= 1 (1 = no guidance)")
+    _check(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
+           "sample.height/sample.width: must be positive multiples of 8")
+    _check(s.batch_size >= 1, "sample.batch_size: must be >= 1")
+    _check(s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch: must be >= 1")
+    _check(t.learning_rate > 0, "train.learning_rate: must be > 0")
+    _check(t.batch_size >= 1, "train.batch_size: must be >= 1")
+    _check(config.samples_per_epoch % t.batch_size == 0,
+           f"train.batch_size: must divide the samples per epoch "
+           f"({s.batch_size} x {s.num_batches_per_epoch} = {config.samples_per_epoch})")
+    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
+    _check((config.samples_per_epoch // t.batch_size) % t.gradient_accumulation_steps == 0,
+           "train.gradient_accumulation_steps: must divide the minibatches per epoch "
+           f"({config.samples_per_epoch // t.batch_size})")
+    _check(t.num_inner_epochs >= 1, "train.num_inner_epochs: must be >= 1")
+    _check(0 < t.timestep_fraction <= 1, "train.timestep_fraction: must be in (0, 1]")
+    _check(t.clip_range > 0, "train.clip_range: must be > 0")
+    _check(t.adv_clip_max > 0, "train.adv_clip_max: must be > 0")
+    _check(t.max_grad_norm > 0, "train.max_grad_norm: must be > 0")
+    _check(t.importance_weight_cap > 0, "train.importance_weight_cap: must be > 0")
+    _check(t.rwr_beta > 0, "train.rwr_beta: must be > 0")
+    _check(0 < t.rwr_top_fraction <= 1, "train.rwr_top_fraction: must be in (0, 1]")
+    _check(a.buffer_size >= 1, "advantage.buffer_size: must be >= 1")
+    _check(1 <= a.min_count <= a.buffer_size,
+           "advantage.min_count: must be between 1 and advantage.buffer_size")
+    _check(c.num_samplers >= 1, "cluster.num_samplers: must be >= 1")
+    _check(c.num_reward_actors >= 1, "cluster.num_reward_actors: must be >= 1")
+    _check(c.max_policy_lag >= 0, "cluster.max_policy_lag: must be >= 0")
+    for role in ("sampler", "reward", "learner"):
+        res = getattr(c, role)
+        _check(res.num_cpus >= 0 and res.num_gpus >= 0,
+               f"cluster.{role}: num_cpus and num_gpus must be >= 0")

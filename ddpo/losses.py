@@ -1,0 +1,58 @@
+"""The policy-gradient losses of DDPO (Black et al. 2023, Sec. 4) and its RWR baseline.
+
+Each loss takes per-(sample, step) tensors of shape [B] and returns (loss, diagnostics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ddpo_sf_loss(log_prob, advantages, importance_weight):
+    """DDPO-SF (REINFORCE, Eq. 3): L = -E[w * A * log p_theta(x_{t-1} | x_t, c)].
+    w is the truncated importance weight of `importance_weight()` (exactly 1 on-policy)."""
+    loss = (-advantages * importance_weight * log_prob).mean()
+    return loss, {}
+
+
+def ddpo_is_loss(log_prob, log_prob_prox, advantages, importance_weight, clip_range):
+    """DDPO-IS (Eq. 4) with the PPO clip, in its decoupled form (Hilton et al. 2021):
+        ratio = p_theta / p_prox
+        L = E[w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))]
+    where p_prox is the policy at the start of this update and w = min(c, p_prox / p_behaviour).
+    On-policy (lag 0) p_prox = p_behaviour and w = 1: the paper's loss exactly."""
+    ratio = torch.exp(log_prob - log_prob_prox)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = (importance_weight * torch.maximum(unclipped, clipped)).mean()
+    with torch.no_grad():
+        diagnostics = {
+            "approx_kl": 0.5 * ((log_prob - log_prob_prox) ** 2).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+        }
+    return loss, diagnostics
+
+
+def importance_weight(log_prob_prox, log_prob_behaviour, cap):
+    """Truncated importance weight w = min(c, p_prox / p_behaviour) (V-trace's rho-bar)."""
+    return torch.clamp(torch.exp(log_prob_prox - log_prob_behaviour), max=cap)
+
+
+def rwr_weights(rewards, beta=None, top_fraction=None):
+    """Reward-weighted regression weights (Sec. 4.1), normalised to mean 1 over the batch:
+    exp(r / beta), or, sparse, 1 for the top `top_fraction` of rewards and 0 elsewhere."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if top_fraction is not None:
+        k = max(1, round(top_fraction * len(rewards)))
+        threshold = torch.topk(rewards, k).values.min()
+        weights = (rewards >= threshold).float()
+    else:
+        weights = torch.softmax(rewards / beta, dim=0)
+    return weights * len(rewards) / weights.sum()
+
+
+def rwr_loss(noise_pred, noise, weights):
+    """RWR: the denoising loss ||eps_theta(x_t, t, c) - eps||^2 (per sample, mean over
+    elements) weighted per sample."""
+    per_sample = ((noise_pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, noise.ndim)))
+    return (weights * per_sample).mean(), {}

@@ -1,0 +1,160 @@
+"""Loading the diffusion pipeline: a diffusers folder or hub id, or a tiny one built in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+BUILTIN_TINY = "builtin:tiny"
+
+# Words the tiny tokenizer knows; anything else maps to [UNK]. Enough for the default prompts
+# and tests; the tiny model is random, so its vocabulary only needs to tell prompts apart.
+_TINY_VOCAB = (
+    "a an the of in on with and photo picture painting drawing image "
+    "cat dog horse bird fish cow sheep pig rabbit fox lion tiger bear monkey elephant "
+    "red green blue yellow black white small big "
+    "zero one two three four five six seven eight nine digit handwritten "
+    "riding bike playing chess washing dishes"
+).split()
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message names `model.pretrained`."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "[UNK]"]
+    vocab = {token: i for i, token in enumerate(specials + _TINY_VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="[UNK]",
+        model_max_length=77,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable-Diffusion-shaped pipeline with tiny random weights (deterministic in `seed`):
+    UNet with block_out_channels (32, 64), a 2x VAE, a 2-layer CLIP text encoder, and the
+    SD scheduler settings. 32x32 images are 16x16 latents."""
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def check_pretrained(pretrained: str, revision: str | None = None) -> str:
+    """Fail fast, in one line, when `model.pretrained` names nothing loadable: a local folder
+    must hold a diffusers `model_index.json`; a hub id must resolve (or be in the local cache).
+    Returns the source to hand to `from_pretrained`."""
+    if pretrained == BUILTIN_TINY:
+        return pretrained
+    local = Path(pretrained).expanduser()
+    if local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model.pretrained: '{pretrained}' is not a diffusers pipeline folder "
+                "(no model_index.json there)"
+            )
+        return str(local.resolve())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(pretrained, "model_index.json", revision=revision)
+    except Exception as err:  # offline, unknown repo, gated, ...: many types, one line
+        raise ModelLoadError(
+            f"model.pretrained: '{pretrained}' is neither a local diffusers folder nor reachable "
+            f"on the Hugging Face Hub ({_one_line(err)})"
+        ) from None
+    return pretrained
+
+
+def load_pipeline(
+    pretrained: str,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """The frozen pipeline for sampling and training, on `device` in `dtype`, with a DDIM
+    scheduler and no safety checker. Raises ModelLoadError with a one-line message."""
+    torch_dtype = getattr(torch, dtype)
+    if pretrained == BUILTIN_TINY:
+        pipe = build_tiny_pipeline(seed)
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+    else:
+        source = check_pretrained(pretrained, revision)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source,
+                revision=revision, torch_dtype=torch_dtype, safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except Exception as err:  # a broken folder or download: many types, one line
+            raise ModelLoadError(
+                f"model.pretrained: cannot load '{pretrained}' as a Stable Diffusion pipeline "
+                f"({_one_line(err)})"
+            ) from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    return pipe.to(resolve_device(device))

@@ -1,0 +1,40 @@
+"""What to sample in an epoch: prompts and seeds per sample batch, each batch with an id.
+
+Deterministic in (config.seed, epoch), so a lag-0 run can be reproduced exactly and a retried
+sample task makes the same batch under the same id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ddpo.config import Config
+
+
+@dataclass(frozen=True)
+class SampleBatchSpec:
+    batch_id: str
+    prompts: list[str]
+    seeds: list[int]
+
+
+def epoch_plan(config: Config, prompts: list[str], epoch: int) -> list[SampleBatchSpec]:
+    rng = np.random.default_rng([config.seed, epoch])
+    size = config.sample.batch_size
+    specs = []
+    for b in range(config.sample.num_batches_per_epoch):
+        first = (epoch * config.sample.num_batches_per_epoch + b) * size
+        specs.append(SampleBatchSpec(
+            batch_id=f"e{epoch}-b{b}",
+            prompts=[prompts[i] for i in rng.integers(0, len(prompts), size)],
+            seeds=[config.seed * 1_000_000_007 + first + i for i in range(size)],
+        ))
+    return specs
+
+
+def fresh_batches(batch_versions: list[int], policy_version: int, max_policy_lag: int) -> list[int]:
+    """Indices of the batches made at most `max_policy_lag` versions before `policy_version`;
+    the others are stale and get dropped."""
+    return [i for i, v in enumerate(batch_versions) if policy_version - v <= max_policy_lag]

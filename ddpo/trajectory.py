@@ -1,0 +1,103 @@
+"""The trajectory schema in Arrow: one row per sample, tensors as fixed-shape tensor columns.
+
+A sampler returns its batch as a `pyarrow.RecordBatch`; Ray moves it through the object store
+without copying, the learner turns it back into torch tensors, and the driver writes rows to
+Parquet (`trajectories/`). Images travel as PNG bytes, prompts as text.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ddpo.diffusion import Trajectories
+
+LATENTS = "latents"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _tensor_column(array: np.ndarray) -> pa.ExtensionArray:
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+
+
+def _to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.to_numpy_ndarray()
+
+
+def to_record_batch(trajectories: Trajectories, batch_id: str, policy_version: int) -> pa.RecordBatch:
+    """Trajectories -> Arrow, every row tagged with its sample batch id and policy version."""
+    n = len(trajectories.prompts)
+    latents = trajectories.latents
+    if latents.dtype == torch.bfloat16:  # numpy has no bfloat16
+        latents = latents.float()
+    return pa.record_batch(
+        {
+            "batch_id": pa.array([batch_id] * n, pa.string()),
+            "prompt": pa.array(trajectories.prompts, pa.string()),
+            "seed": pa.array(trajectories.seeds, pa.int64()),
+            "policy_version": pa.array([policy_version] * n, pa.int64()),
+            "timesteps": _tensor_column(trajectories.timesteps.numpy()),
+            "log_probs": _tensor_column(trajectories.log_probs.numpy().astype(np.float32)),
+            LATENTS: _tensor_column(latents.numpy()),
+            "image_png": pa.array([encode_png(img) for img in trajectories.images], pa.binary()),
+        }
+    )
+
+
+@dataclass
+class TrainingBatch:
+    """What the learner needs from trajectories, as torch tensors."""
+
+    batch_ids: list[str]
+    prompts: list[str]
+    policy_versions: torch.Tensor  # [B] int64
+    latents: torch.Tensor  # [B, T+1, C, h, w]
+    log_probs: torch.Tensor  # [B, T]
+    timesteps: torch.Tensor  # [B, T]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def to_training_batch(table: pa.Table | pa.RecordBatch) -> TrainingBatch:
+    return TrainingBatch(
+        batch_ids=table.column("batch_id").to_pylist(),
+        prompts=table.column("prompt").to_pylist(),
+        policy_versions=torch.tensor(table.column("policy_version").to_pylist(), dtype=torch.int64),
+        latents=torch.from_numpy(_to_numpy(table.column(LATENTS)).copy()),
+        log_probs=torch.from_numpy(_to_numpy(table.column("log_probs")).copy()),
+        timesteps=torch.from_numpy(_to_numpy(table.column("timesteps")).copy()),
+    )
+
+
+def images_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The decoded uint8 images [B, H, W, 3]."""
+    return np.stack([decode_png(data) for data in table.column("image_png").to_pylist()])
+
+
+def write_parquet(table: pa.Table | pa.RecordBatch, path: str | Path) -> None:
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    pq.write_table(table, str(path))
+
+
+def read_parquet(path: str | Path) -> pa.Table:
+    return pq.read_table(str(path))

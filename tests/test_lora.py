@@ -1,0 +1,58 @@
+"""LoRA: attach, extract and load in place, and the diffusers format that load_lora_weights reads."""
+
+import numpy as np
+import torch
+
+from ddpo.diffusion import sample_trajectories
+from ddpo.lora import attach_lora, get_lora_state, load_lora_state, lora_parameters, save_lora
+from ddpo.pipeline import build_tiny_pipeline, load_pipeline
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+KWARGS = dict(num_steps=4, guidance_scale=5.0, eta=1.0, height=32, width=32)
+
+
+def _perturb(unet, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_lora_starts_as_the_identity_and_trains_only_the_adapter():
+    pipe = build_tiny_pipeline()
+    before = sample_trajectories(pipe, ["a cat"], [0], **KWARGS).images
+    attach_lora(pipe.unet, rank=4, alpha=4, target_modules=TARGETS, seed=0)
+    np.testing.assert_array_equal(sample_trajectories(pipe, ["a cat"], [0], **KWARGS).images, before)
+    trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(pipe.unet))
+
+
+def test_load_state_in_place_reproduces_the_weights():
+    source, target = build_tiny_pipeline(), build_tiny_pipeline()
+    for pipe in (source, target):
+        attach_lora(pipe.unet, rank=4, alpha=4, target_modules=TARGETS, seed=0)
+    _perturb(source.unet, 1)
+    params_before = [id(p) for p in lora_parameters(target.unet)]
+    load_lora_state(target.unet, get_lora_state(source.unet))
+    assert [id(p) for p in lora_parameters(target.unet)] == params_before  # in place
+    for key, value in get_lora_state(source.unet).items():
+        assert torch.equal(get_lora_state(target.unet)[key], value)
+
+
+def test_saved_lora_loads_with_diffusers_load_lora_weights(tmp_path):
+    """save -> StableDiffusionPipeline.load_lora_weights -> identical images."""
+    trained = build_tiny_pipeline()
+    trained.save_pretrained(tmp_path / "base")
+    attach_lora(trained.unet, rank=4, alpha=8, target_modules=TARGETS, seed=0)
+    _perturb(trained.unet, 2)
+    save_lora(trained.unet, tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    fresh = load_pipeline(str(tmp_path / "base"))  # the real from_pretrained path
+    plain = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], **KWARGS).images
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    expected = sample_trajectories(trained, ["a cat", "a dog"], [3, 4], **KWARGS).images
+    loaded = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], **KWARGS).images
+    assert not np.array_equal(plain, expected)  # the LoRA changes the images...
+    np.testing.assert_array_equal(loaded, expected)  # ...and loads back exactly
