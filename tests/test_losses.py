@@ -63,7 +63,7 @@ def test_importance_weight_is_truncated():
 def test_ddpo_sf_is_reinforce():
     log_prob = t(-1.0, -2.0).requires_grad_(True)
     loss, _ = ddpo_sf_loss(log_prob, t(1.0, -3.0), t(1.0, 0.5))
-    assert float(loss) == pytest.approx((1.0 * -1.0 * -1.0 + 3.0 * 0.5 * -2.0) / 2)
+    assert loss.item() == pytest.approx((1.0 * -1.0 * -1.0 + 3.0 * 0.5 * -2.0) / 2)
     loss.backward()
     assert log_prob.grad.tolist() == pytest.approx([-0.5, 0.75])
 

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from cluster.driver import Driver
-from cluster.inprocess import run_inprocess
+from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
 from tests.conftest import tiny_config
 
@@ -54,7 +54,8 @@ def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_sess
     torch.set_num_threads(1)  # as the actors (num_cpus 1): same kernels, same float sums
     try:
         config = tiny_config(tmp_path, run_name="inprocess")
-        history_c, learner = run_inprocess(config, make_run_dir(config))
+        run = InProcessRun(config, make_run_dir(config))
+        history_c, learner = run.fit(), run.learner
     finally:
         torch.set_num_threads(threads)
     version_c, weights_c = learner.weights()
@@ -80,3 +81,26 @@ def test_lag1_pipelines_with_versions_one_behind(ray_session, tmp_path):
     assert all(m["dropped_stale"] == 0 and m["num_samples"] == 8 for m in history)
     assert history[1]["importance_weight_mean"] < 1.0
     assert np.isfinite([m["loss"] for m in history]).all()
+
+
+def test_a_broken_reward_stops_the_run_with_a_named_one_line_error(ray_session, tmp_path):
+    from cluster.cli import _user_error
+
+    config = tiny_config(tmp_path, **{"reward.name": "tests.test_rewards:_nan_reward", "num_epochs": 1})
+    with pytest.raises(Exception) as info:
+        _run(config)
+    error = _user_error(info.value)
+    assert str(error) == "reward 'tests.test_rewards:_nan_reward' returned NaN or infinite rewards"
+
+
+def test_asking_for_more_than_the_cluster_has_fails_at_once(ray_session, tmp_path):
+    from cluster.cli import UsageError, _check_resources
+
+    config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "cluster.sampler.num_gpus": 0.5})
+    with pytest.raises(UsageError) as info:
+        _check_resources(config)
+    assert str(info.value) == ("cluster: the actors ask for 1 GPU in all (2 samplers, 1 reward actors, 1 learner) "
+                               "but the Ray cluster has 0; lower cluster.*.num_gpus or cluster.num_samplers")
+    config = tiny_config(tmp_path, **{"cluster.num_samplers": 8})
+    with pytest.raises(UsageError, match="^cluster: the actors ask for 9 CPU in all"):
+        _check_resources(config)
