@@ -8,6 +8,7 @@ update (the paper's "iteration"): it consumes an epoch's trajectories and their 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -154,6 +155,7 @@ class Learner:
         log_prob_behaviour = batch.log_probs
         log_prob_prox = log_prob_behaviour.clone()
         stale = torch.nonzero(batch.policy_versions != self.policy_version).flatten()
+        proximal_start = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(stale), t.batch_size):
                 idx = stale[start:start + t.batch_size]
@@ -162,7 +164,7 @@ class Learner:
                     log_prob_prox[idx, j] = self._log_prob(batch, idx, step, prompt_embeds, negative)
         weight = importance_weight(log_prob_prox, log_prob_behaviour, t.importance_weight_cap)
 
-        stats = defaultdict(list)
+        stats = defaultdict(list, time_proximal_s=[time.perf_counter() - proximal_start])
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
         for idx, steps, last_of_accumulation in self._minibatches(batch):
             for j in range(num_train_steps):
