@@ -5,8 +5,6 @@ A plain class; the driver runs N of them as Ray actors named `sampler-<i>`.
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import torch
 
@@ -30,14 +28,12 @@ class Sampler:
         attach_lora(self.pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
         self.policy_version = -1  # no weights from the learner yet
 
-    def set_weights(self, weights: tuple[int, LoraState]) -> float:
-        """Load a broadcast LoRA version in place; returns the seconds it took."""
-        start = time.perf_counter()
+    def set_weights(self, weights: tuple[int, LoraState]) -> None:
+        """Load a broadcast LoRA version in place (a version already held is not reloaded)."""
         version, state = weights
         if version != self.policy_version:
             load_lora_state(self.pipe.unet, state)
             self.policy_version = version
-        return time.perf_counter() - start
 
     def weights(self) -> tuple[int, LoraState]:
         return self.policy_version, get_lora_state(self.pipe.unet)
