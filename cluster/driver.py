@@ -161,7 +161,7 @@ class Driver:
                 [scored[tasks[i].spec.batch_id][0] for i in fresh],
             ))
             time_train = time.perf_counter() - train_start
-            self.policy_version += 1
+            self.policy_version = learner_metrics.pop("policy_version")
 
             broadcast_start = time.perf_counter()
             self.broadcast(wait=max_lag == 0)

@@ -41,12 +41,13 @@ class InProcessRun:
             scored = [self.reward.score(summary)[1:] for _, summary in batches]
             rewarded = time.perf_counter()
             learner_metrics = learner.train([full for full, _ in batches], [r for r, _ in scored])
+            policy_version = learner_metrics.pop("policy_version")
             trained = time.perf_counter()
             sampler.set_weights(learner.weights())
             done = time.perf_counter()
             trajectories = [full for full, _ in batches] if config.save_latents else [s for _, s in batches]
             history.append(record_epoch(
-                self.run_dir, epoch, learner.policy_version, pa.Table.from_batches(trajectories), scored,
+                self.run_dir, epoch, policy_version, pa.Table.from_batches(trajectories), scored,
                 learner_metrics, dropped_stale=0,
                 timings={"time_sample_s": sampled - start, "time_reward_s": rewarded - sampled,
                          "time_train_s": trained - rewarded, "time_broadcast_s": done - trained,

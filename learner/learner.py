@@ -56,13 +56,14 @@ class Learner:
     # -- one update ---------------------------------------------------------------------------
 
     def train(self, batches: list[pa.RecordBatch], rewards: list[np.ndarray]) -> dict[str, float]:
-        """One update on sample batches (Arrow) and their rewards. A batch whose id was trained
-        on before (a retried task delivered twice) is skipped and counted."""
+        """One update on sample batches (Arrow) and their rewards; returns its diagnostics and the
+        new `policy_version`. A batch whose id was trained on before (a retried task delivered
+        twice) is skipped and counted; with nothing left to train on, the version stays."""
         fresh = [(b, r) for b, r in zip(batches, rewards) if b.column("batch_id")[0].as_py()
                  not in self.trained_batch_ids]
         duplicates = len(batches) - len(fresh)
         if not fresh:
-            return {"duplicate_batches": duplicates, "num_samples": 0}
+            return {"duplicate_batches": duplicates, "num_samples": 0, "policy_version": self.policy_version}
         batch = to_training_batch(pa.Table.from_batches([b for b, _ in fresh]))
         reward = np.concatenate([np.asarray(r, dtype=np.float64) for _, r in fresh])
 
@@ -87,6 +88,7 @@ class Learner:
             **diagnostics,
             "num_samples": len(batch),
             "duplicate_batches": duplicates,
+            "policy_version": self.policy_version,
             "policy_lag_mean": float(policy_lag.mean()),
             "advantage_abs_mean": float(advantages.abs().mean()),
         }
@@ -128,14 +130,18 @@ class Learner:
         return order, steps
 
     def _minibatches(self, batch: TrainingBatch):
-        """Yield (sample indices, their step orders, whether an optimizer step follows)."""
+        """Yield (sample indices, their step orders, whether an optimizer step follows). An
+        optimizer step follows every `gradient_accumulation_steps` minibatches and the last one
+        of each inner epoch (dropped stale batches can leave a short epoch)."""
         t = self.config.train
         num_samples, num_steps = batch.log_probs.shape
-        for inner_epoch in range(t.num_inner_epochs):
+        starts = range(0, num_samples, t.batch_size)
+        for _ in range(t.num_inner_epochs):
             order, steps = self._schedule(num_samples, num_steps)
-            for k, start in enumerate(range(0, num_samples, t.batch_size)):
+            for k, start in enumerate(starts):
                 idx = order[start:start + t.batch_size]
-                yield idx, steps[idx], (k + 1) % t.gradient_accumulation_steps == 0
+                step_after = (k + 1) % t.gradient_accumulation_steps == 0 or k == len(starts) - 1
+                yield idx, steps[idx], step_after
 
     def _optimizer_step(self) -> float:
         params = lora_parameters(self.pipe.unet)
@@ -166,7 +172,7 @@ class Learner:
 
         stats = defaultdict(list, time_proximal_s=[time.perf_counter() - proximal_start])
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
-        for idx, steps, last_of_accumulation in self._minibatches(batch):
+        for idx, steps, step_after in self._minibatches(batch):
             for j in range(num_train_steps):
                 step = steps[:, j]
                 log_prob = self._log_prob(batch, idx, step, prompt_embeds, negative)
@@ -179,7 +185,7 @@ class Learner:
                 stats["loss"].append(loss.item())
                 for name, value in diag.items():
                     stats[name].append(float(value))
-            if last_of_accumulation:
+            if step_after:
                 stats["grad_norm"].append(self._optimizer_step())
         stats["importance_weight_mean"] = [float(weight.mean())]
         return {name: float(np.mean(values)) for name, values in stats.items()}
@@ -198,7 +204,7 @@ class Learner:
 
         stats = defaultdict(list)
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
-        for idx, steps, last_of_accumulation in self._minibatches(batch):
+        for idx, steps, step_after in self._minibatches(batch):
             for j in range(num_train_steps):
                 timestep = batch.timesteps[idx, steps[:, j]]
                 noise = torch.randn(x0[idx].shape, generator=self.generator)
@@ -210,7 +216,7 @@ class Learner:
                 loss, _ = rwr_loss(noise_pred.cpu(), target, weights[idx])
                 (loss * scale).backward()
                 stats["loss"].append(loss.item())
-            if last_of_accumulation:
+            if step_after:
                 stats["grad_norm"].append(self._optimizer_step())
         # RWR has no ratio: it neither clips nor measures a KL to the sampling policy
         return {"approx_kl": float("nan"), "clipfrac": float("nan"),

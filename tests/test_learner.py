@@ -24,12 +24,13 @@ def test_update_changes_the_lora_and_counts_duplicates(tmp_path):
     before = learner.weights()[1]
     metrics = learner.train(batches, rewards)
     version, after = learner.weights()
-    assert version == 1 and metrics["num_samples"] == 8 and metrics["duplicate_batches"] == 0
+    assert version == metrics["policy_version"] == 1
+    assert metrics["num_samples"] == 8 and metrics["duplicate_batches"] == 0
     assert metrics["policy_lag_mean"] == 0.0 and metrics["importance_weight_mean"] == 1.0
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # the same batches again (a retried task delivered twice) are not trained on
     again = learner.train(batches, rewards)
-    assert again == {"duplicate_batches": 2, "num_samples": 0}
+    assert again == {"duplicate_batches": 2, "num_samples": 0, "policy_version": 1}
     assert learner.weights()[0] == 1
 
 
