@@ -1,6 +1,6 @@
 """The `ddpo` command line.
 
-    ddpo train [--config FILE] [--set key=value ...] [--address auto|ray://...]
+    ddpo train [--config FILE] [--set key=value ...] [--address auto|ray://...] [--resume RUN_DIR]
 
 With no --config, `ddpo train` runs the embedded default (configs/tiny.yaml: a tiny random
 model on CPU). Every problem the user can fix is one line on stderr and exit status 2.
@@ -36,7 +36,15 @@ def _prepare(args):
     from ddpo.pipeline import check_pretrained
     from rewards import load_reward
 
-    config = load_config(args.config or default_config_path(), args.set)
+    if args.resume is not None:
+        if args.config is not None:
+            raise UsageError("--resume: the run's own config.yaml is used; drop --config (use --set to change values)")
+        config_path = Path(args.resume) / "config.yaml"
+        if not config_path.is_file():
+            raise UsageError(f"--resume: '{args.resume}' is not a run directory (no config.yaml there)")
+    else:
+        config_path = args.config or default_config_path()
+    config = load_config(config_path, args.set)
     config.load_prompts()
     load_reward(config.reward.name)
     # Ray's workers may start in another directory: hand them an absolute model path
@@ -69,10 +77,15 @@ def train(args) -> int:
     import ray
 
     from cluster.driver import Driver
-    from cluster.run_dir import make_run_dir
+    from cluster.run_dir import latest_checkpoint, make_run_dir, truncate_metrics
 
     config = _prepare(args)
-    run_dir = make_run_dir(config)
+    if args.resume is None:
+        run_dir, checkpoint = make_run_dir(config), None
+    else:
+        run_dir, checkpoint = Path(args.resume), latest_checkpoint(Path(args.resume))
+        if checkpoint is None:
+            raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
     if config.cluster.address is None:
         context = ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1",
                            log_to_driver=True)
@@ -85,13 +98,26 @@ def train(args) -> int:
     try:
         _check_resources(config)
         driver = Driver(config, run_dir)
-        history = driver.fit()
+        start_epoch = 0
+        if checkpoint is not None:
+            start_epoch = driver.resume(checkpoint)
+            truncate_metrics(run_dir, start_epoch)
+            print(f"resuming from {checkpoint} at epoch {start_epoch}")
+        history = driver.fit(start_epoch)
+    except KeyboardInterrupt:
+        # waits for an update in progress, then saves the learner as it stands
+        saved = driver.save_checkpoint() if driver is not None else None
+        if saved is not None:
+            print(f"\ninterrupted: checkpoint {saved}; go on with: ddpo train --resume {run_dir}")
+        raise
     finally:
         if driver is not None:
             driver.shutdown()
         ray.shutdown()
-    first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
-    print(f"reward_mean: first epoch {first:.4f}, last epoch {last:.4f}")
+    if history:
+        first, last = history[0], history[-1]
+        print(f"reward_mean: epoch {first['epoch']} {first['reward_mean']:.4f}, "
+              f"epoch {last['epoch']} {last['reward_mean']:.4f}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; LoRA: {run_dir / 'checkpoints'}")
     return 0
 
@@ -104,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.learning_rate=1e-3 (repeatable)")
     p.add_argument("--address", help="Ray cluster to join: auto or ray://host:10001 (default: start a local one)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="go on with the run in RUN_DIR from its latest checkpoint (its config.yaml, plus any --set)")
     p.set_defaults(func=train)
     return parser
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
-from cluster.run_dir import checkpoint_dir, is_checkpoint_epoch, record_epoch
+from cluster.run_dir import is_checkpoint_epoch, record_epoch
 from ddpo.config import ActorResources, Config
 from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
 from learner import Learner
@@ -132,14 +132,23 @@ class Driver:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def fit(self) -> list[dict]:
+    def resume(self, checkpoint: Path) -> int:
+        """Load a checkpoint into the learner; returns the epoch to go on from."""
+        self.policy_version = ray.get(self.learner.load_checkpoint.remote(checkpoint))
+        return self.policy_version
+
+    def save_checkpoint(self) -> Path | None:
+        return ray.get(self.learner.save_checkpoint.remote(self.run_dir / "checkpoints"))
+
+    def fit(self, start_epoch: int = 0) -> list[dict]:
         config = self.config
         max_lag = config.cluster.max_policy_lag
         self.broadcast(wait=True)
         in_flight: deque[list[SampleTask]] = deque()
-        next_epoch = 0
+        next_epoch = start_epoch
         history = []
-        epochs = tqdm(range(config.num_epochs), desc="epochs", unit="epoch")
+        epochs = tqdm(range(start_epoch, config.num_epochs), desc="epochs", unit="epoch",
+                      initial=start_epoch, total=config.num_epochs)
         for epoch in epochs:
             epoch_start = time.perf_counter()
             # keep sampling up to max_lag epochs ahead of the learner
@@ -179,7 +188,7 @@ class Driver:
                          "time_epoch_s": time.perf_counter() - epoch_start},
             )
             if is_checkpoint_epoch(config, epoch):
-                ray.get(self.learner.save_checkpoint.remote(checkpoint_dir(self.run_dir, epoch)))
+                self.save_checkpoint()
             epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
             history.append(metrics)
         return history

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
-from cluster.run_dir import checkpoint_dir, is_checkpoint_epoch, record_epoch
+from cluster.run_dir import is_checkpoint_epoch, record_epoch
 from ddpo.config import Config
 from ddpo.plan import epoch_plan
 from learner import Learner
@@ -54,5 +54,5 @@ class InProcessRun:
                          "time_epoch_s": done - start},
             ))
             if is_checkpoint_epoch(config, epoch):
-                learner.save_checkpoint(checkpoint_dir(self.run_dir, epoch))
+                learner.save_checkpoint(self.run_dir / "checkpoints")
         return history

@@ -32,8 +32,23 @@ def is_checkpoint_epoch(config: Config, epoch: int) -> bool:
     return (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs
 
 
-def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the most epochs trained, or None."""
+    found = sorted((run_dir / "checkpoints").glob("epoch_*/learner_state.json"))
+    return found[-1].parent if found else None
+
+
+def checkpoint_epochs(checkpoint: Path) -> int:
+    """How many epochs (updates) the learner had trained when it wrote `checkpoint`."""
+    return json.loads((checkpoint / "learner_state.json").read_text())["policy_version"]
+
+
+def truncate_metrics(run_dir: Path, num_epochs: int) -> None:
+    """Keep the metrics of the first `num_epochs` epochs: a resumed run redoes the rest."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < num_epochs]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:

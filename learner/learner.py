@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import save_file
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
+from safetensors.torch import load_file, save_file
 
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
 from ddpo.config import Config
 from ddpo.diffusion import encode_prompts, predict_noise, step_log_prob
-from ddpo.lora import LoraState, attach_lora, get_lora_state, lora_parameters, save_lora
+from ddpo.lora import LoraState, attach_lora, get_lora_state, load_lora_state, lora_parameters, save_lora
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
 from ddpo.pipeline import load_pipeline
 from ddpo.trajectory import TrainingBatch, to_training_batch
@@ -224,9 +226,13 @@ class Learner:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str | Path) -> None:
-        """LoRA in the diffusers format, plus optimizer, stat tracker, RNG and version (no pickle)."""
-        directory = Path(directory)
+    def save_checkpoint(self, root: str | Path) -> Path | None:
+        """Write `root/epoch_NNNN/` for the last epoch trained (N = policy_version - 1): the LoRA
+        in the diffusers format, plus optimizer, stat tracker, RNG and version, as safetensors
+        and JSON (no pickle). Returns the directory; None before the first update."""
+        if self.policy_version == 0:
+            return None
+        directory = Path(root) / f"epoch_{self.policy_version - 1:04d}"
         directory.mkdir(parents=True, exist_ok=True)
         save_lora(self.pipe.unet, directory)
         optimizer = self.optimizer.state_dict()
@@ -241,3 +247,25 @@ class Learner:
             "stat_tracker": self.stat_tracker.state_dict(),
             "trained_batch_ids": sorted(self.trained_batch_ids),
         }))
+        return directory
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore everything `save_checkpoint` wrote, so that training goes on exactly as if it
+        had never stopped; returns the policy version (the number of epochs trained)."""
+        directory = Path(directory)
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(directory))
+        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        load_lora_state(self.pipe.unet, convert_unet_state_dict_to_peft(unet_state))
+        tensors = load_file(str(directory / "learner_state.safetensors"))
+        meta = json.loads((directory / "learner_state.json").read_text())
+        self.generator.set_state(tensors.pop("generator_state"))
+        optimizer_state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            optimizer_state[int(index)][name] = value
+        self.optimizer.load_state_dict({"state": dict(optimizer_state),
+                                        "param_groups": meta["optimizer_param_groups"]})
+        self.stat_tracker.load_state_dict(meta["stat_tracker"])
+        self.policy_version = meta["policy_version"]
+        self.trained_batch_ids = set(meta["trained_batch_ids"])
+        return self.policy_version
