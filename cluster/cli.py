@@ -14,10 +14,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-# Quiet the libraries before they are imported (here and, by inheritance, in Ray's workers).
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from cluster import QUIET_ENV
+
+for _name, _value in QUIET_ENV.items():  # before the libraries are imported
+    os.environ.setdefault(_name, _value)
 
 DEFAULT_CONFIG = "tiny.yaml"
 
@@ -47,8 +47,9 @@ def _prepare(args):
     config = load_config(config_path, args.set)
     config.load_prompts()
     load_reward(config.reward.name)
-    # Ray's workers may start in another directory: hand them an absolute model path
+    # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
+    config.output_dir = str(Path(config.output_dir).resolve())
     if args.address is not None:
         config.cluster.address = args.address
     return config
@@ -86,11 +87,11 @@ def train(args) -> int:
         run_dir, checkpoint = Path(args.resume), latest_checkpoint(Path(args.resume))
         if checkpoint is None:
             raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
-    if config.cluster.address is None:
-        context = ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=True)
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if address is None:  # local single-node mode: everything on loopback
+        context = ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1")
     else:
-        context = ray.init(address=config.cluster.address, namespace="ddpo")
+        context = ray.init(address=address, namespace="ddpo")
     dashboard = context.dashboard_url
     print(f"run directory: {run_dir.resolve()}")
     print(f"Ray dashboard: http://{dashboard}" if dashboard else "Ray dashboard: not running")

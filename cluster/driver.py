@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
+from cluster import QUIET_ENV
 from cluster.run_dir import is_checkpoint_epoch, record_epoch
 from ddpo.config import ActorResources, Config
 from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
@@ -51,7 +52,8 @@ class SampleTask:
 
 
 def _options(name: str, resources: ActorResources) -> dict:
-    return {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    return {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
+            "runtime_env": {"env_vars": QUIET_ENV}}
 
 
 def _threads(resources: ActorResources) -> int:
