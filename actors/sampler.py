@@ -6,7 +6,6 @@ A plain class; the driver runs N of them as Ray actors named `sampler-<i>`.
 from __future__ import annotations
 
 import pyarrow as pa
-import torch
 
 from ddpo.config import Config
 from ddpo.diffusion import sample_trajectories
@@ -16,9 +15,7 @@ from ddpo.trajectory import LATENTS, to_record_batch
 
 
 class Sampler:
-    def __init__(self, config: Config, num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+    def __init__(self, config: Config):
         self.config = config
         self.pipe = load_pipeline(
             config.model.pretrained, config.model.revision, config.model.device,

@@ -19,29 +19,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from actors.reward import RewardWorker
-from actors.sampler import Sampler
 from cluster import QUIET_ENV
-from cluster.run_dir import is_checkpoint_epoch, record_epoch
+from cluster.metrics import DriverMetrics
+from cluster.remote import LearnerActor, RewardActor, SamplerActor
+from cluster.run_dir import RunRecorder, is_checkpoint_epoch
 from ddpo.config import ActorResources, Config
 from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
-from learner import Learner
-
-
-class LearnerActor(Learner):
-    """The learner as the `learner` actor: takes the trajectories as object refs, so they move
-    from the samplers' object store to the learner without passing through the driver."""
-
-    def __init__(self, config: Config, num_threads: int):
-        torch.set_num_threads(num_threads)
-        super().__init__(config)
-
-    def train_on(self, trajectory_refs: list[ray.ObjectRef], rewards: list[np.ndarray]) -> dict:
-        return self.train(ray.get(trajectory_refs), rewards)
 
 
 @dataclass
@@ -70,17 +56,22 @@ class Driver:
             config, _threads(c.learner)
         )
         self.samplers = [
-            ray.remote(Sampler).options(**_options(f"sampler-{i}", c.sampler)).remote(config, _threads(c.sampler))
+            ray.remote(SamplerActor).options(**_options(f"sampler-{i}", c.sampler)).remote(
+                config, _threads(c.sampler)
+            )
             for i in range(c.num_samplers)
         ]
         self.reward_actors = [
-            ray.remote(RewardWorker).options(**_options(f"reward-{i}", c.reward)).remote(config.reward.name)
+            ray.remote(RewardActor).options(**_options(f"reward-{i}", c.reward)).remote(config.reward.name)
             for i in range(c.num_reward_actors)
         ]
         self.reward_pool = ActorPool(self.reward_actors)
         self.policy_version = 0
+        self.metrics = DriverMetrics()
+        self.recorder = RunRecorder(run_dir)
 
     def shutdown(self) -> None:
+        self.recorder.close()
         for actor in [self.learner, *self.samplers, *self.reward_actors]:
             ray.kill(actor)
 
@@ -121,6 +112,7 @@ class Driver:
                     self.reward_pool.submit(lambda actor, summary: actor.score.remote(summary), ref)
                 if not waiting:
                     sampled_at = time.perf_counter()
+                self.metrics.queues(sampling=len(waiting), scoring=len(tasks) - len(waiting) - len(scored))
             if self.reward_pool.has_next():
                 try:
                     batch_id, rewards, info = self.reward_pool.get_next_unordered(
@@ -130,6 +122,7 @@ class Driver:
                     continue
                 scored.setdefault(batch_id, (rewards, info))  # a batch id counts once
                 progress.update(len(rewards))
+                self.metrics.queues(sampling=len(waiting), scoring=len(tasks) - len(waiting) - len(scored))
         return scored, sampled_at - start, time.perf_counter() - sampled_at
 
     # -- the loop -----------------------------------------------------------------------------
@@ -179,8 +172,8 @@ class Driver:
             time_broadcast = time.perf_counter() - broadcast_start
 
             trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
-            metrics = record_epoch(
-                self.run_dir, epoch, self.policy_version,
+            metrics = self.recorder.record_epoch(
+                epoch, self.policy_version,
                 table=pa.Table.from_batches(trajectories),
                 scored=[scored[task.spec.batch_id] for task in tasks],
                 learner_metrics=learner_metrics,
@@ -189,6 +182,7 @@ class Driver:
                          "time_train_s": time_train, "time_broadcast_s": time_broadcast,
                          "time_epoch_s": time.perf_counter() - epoch_start},
             )
+            self.metrics.epoch(metrics)
             if is_checkpoint_epoch(config, epoch):
                 self.save_checkpoint()
             epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")

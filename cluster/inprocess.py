@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
-from cluster.run_dir import is_checkpoint_epoch, record_epoch
+from cluster.run_dir import RunRecorder, is_checkpoint_epoch
 from ddpo.config import Config
 from ddpo.plan import epoch_plan
 from learner import Learner
@@ -28,6 +28,7 @@ class InProcessRun:
         self.learner = Learner(config)
         self.sampler = Sampler(config)
         self.reward = RewardWorker(config.reward.name)
+        self.recorder = RunRecorder(run_dir)
 
     def fit(self) -> list[dict]:
         config, learner, sampler = self.config, self.learner, self.sampler
@@ -46,8 +47,8 @@ class InProcessRun:
             sampler.set_weights(learner.weights())
             done = time.perf_counter()
             trajectories = [full for full, _ in batches] if config.save_latents else [s for _, s in batches]
-            history.append(record_epoch(
-                self.run_dir, epoch, policy_version, pa.Table.from_batches(trajectories), scored,
+            history.append(self.recorder.record_epoch(
+                epoch, policy_version, pa.Table.from_batches(trajectories), scored,
                 learner_metrics, dropped_stale=0,
                 timings={"time_sample_s": sampled - start, "time_reward_s": rewarded - sampled,
                          "time_train_s": trained - rewarded, "time_broadcast_s": done - trained,
@@ -55,4 +56,5 @@ class InProcessRun:
             ))
             if is_checkpoint_epoch(config, epoch):
                 learner.save_checkpoint(self.run_dir / "checkpoints")
+        self.recorder.close()
         return history

@@ -69,7 +69,7 @@ def write_trajectories(run_dir: Path, epoch: int, table: pa.Table) -> None:
     write_parquet(table, run_dir / "trajectories" / f"epoch_{epoch:04d}.parquet")
 
 
-def write_sample_grid(run_dir: Path, epoch: int, table: pa.Table, max_images: int = 16) -> None:
+def write_sample_grid(run_dir: Path, epoch: int, table: pa.Table, max_images: int = 16) -> Image.Image:
     """A grid of the epoch's first images, each captioned with its prompt and reward."""
     table = table.slice(0, max_images)
     images = images_of(table)
@@ -87,30 +87,75 @@ def write_sample_grid(run_dir: Path, epoch: int, table: pa.Table, max_images: in
         draw.text((x + 2, y + cell + 1), prompt[:24], fill="black")
         draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
     grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
+    return grid
 
 
-def record_epoch(run_dir: Path, epoch: int, policy_version: int, table: pa.Table,
-                 scored: list[tuple[np.ndarray, dict[str, list]]], learner_metrics: dict,
-                 dropped_stale: int, timings: dict[str, float]) -> dict:
-    """Write the epoch's trajectories, sample grid and metrics line; return the metrics."""
-    rewards = np.concatenate([r for r, _ in scored])
-    info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
-    table = with_rewards(table, rewards, info)
-    write_trajectories(run_dir, epoch, table)
-    write_sample_grid(run_dir, epoch, table)
-    metrics = {
-        "epoch": epoch,
-        "policy_version": policy_version,
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "approx_kl": learner_metrics.get("approx_kl", float("nan")),
-        "clipfrac": learner_metrics.get("clipfrac", float("nan")),
-        "loss": learner_metrics.get("loss", float("nan")),
-        "samples_per_s": learner_metrics.get("num_samples", 0) / timings["time_epoch_s"],
-        "policy_lag_mean": learner_metrics.get("policy_lag_mean", float("nan")),
-        "dropped_stale": dropped_stale,
-        **timings,
-        **{k: v for k, v in learner_metrics.items() if k not in ("approx_kl", "clipfrac", "loss")},
-    }
-    append_metrics(run_dir, metrics)
-    return metrics
+def write_curves(run_dir: Path) -> None:
+    """`curves.png`: reward (mean +- std), loss and approx_kl over the epochs so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m["epoch"] for m in history]
+    mean = np.array([m["reward_mean"] for m in history])
+    std = np.array([m["reward_std"] for m in history])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epochs, mean)
+    axes[0].fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    for ax, key in zip(axes, ["reward_mean", "loss", "approx_kl"]):
+        if key != "reward_mean":
+            ax.plot(epochs, [np.nan if m[key] is None else m[key] for m in history])
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=80)
+    plt.close(fig)
+
+
+class RunRecorder:
+    """Writes each epoch into the run directory: trajectories (Parquet), the sample grid, the
+    metrics line, TensorBoard scalars and grid (`tensorboard/`), and the curves PNG."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+    def record_epoch(self, epoch: int, policy_version: int, table: pa.Table,
+                     scored: list[tuple[np.ndarray, dict[str, list]]], learner_metrics: dict,
+                     dropped_stale: int, timings: dict[str, float]) -> dict:
+        """Write the epoch's record; return its metrics."""
+        run_dir = self.run_dir
+        rewards = np.concatenate([r for r, _ in scored])
+        info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
+        table = with_rewards(table, rewards, info)
+        write_trajectories(run_dir, epoch, table)
+        grid = write_sample_grid(run_dir, epoch, table)
+        metrics = {
+            "epoch": epoch,
+            "policy_version": policy_version,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "approx_kl": learner_metrics.get("approx_kl", float("nan")),
+            "clipfrac": learner_metrics.get("clipfrac", float("nan")),
+            "loss": learner_metrics.get("loss", float("nan")),
+            "samples_per_s": learner_metrics.get("num_samples", 0) / timings["time_epoch_s"],
+            "policy_lag_mean": learner_metrics.get("policy_lag_mean", float("nan")),
+            "dropped_stale": dropped_stale,
+            **timings,
+            **{k: v for k, v in learner_metrics.items() if k not in ("approx_kl", "clipfrac", "loss")},
+        }
+        append_metrics(run_dir, metrics)
+        write_curves(run_dir)
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, epoch)
+        self.tensorboard.add_image("samples", np.asarray(grid), epoch, dataformats="HWC")
+        self.tensorboard.flush()
+        return metrics

@@ -38,6 +38,6 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, namespace="ddpo-tests", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()

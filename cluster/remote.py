@@ -1,0 +1,62 @@
+"""The plain classes as Ray actors: the same methods, plus their busy time as metrics, plus
+what only makes sense inside Ray (object refs in, torch threads from the actor's num_cpus)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+
+from actors.reward import RewardWorker
+from actors.sampler import Sampler
+from cluster.metrics import ActorMetrics
+from ddpo.config import Config
+from learner import Learner
+
+
+def _actor_metrics(role: str) -> ActorMetrics:
+    return ActorMetrics(ray.get_runtime_context().get_actor_name() or role, role)
+
+
+class SamplerActor(Sampler):
+    def __init__(self, config: Config, num_threads: int):
+        torch.set_num_threads(num_threads)
+        super().__init__(config)
+        self.metrics = _actor_metrics("sampler")
+
+    def sample(self, batch_id, prompts, seeds):
+        start = time.perf_counter()
+        result = super().sample(batch_id, prompts, seeds)
+        self.metrics.record(time.perf_counter() - start)
+        return result
+
+
+class RewardActor(RewardWorker):
+    def __init__(self, reward_name: str):
+        super().__init__(reward_name)
+        self.metrics = _actor_metrics("reward")
+
+    def score(self, batch):
+        start = time.perf_counter()
+        result = super().score(batch)
+        self.metrics.record(time.perf_counter() - start)
+        return result
+
+
+class LearnerActor(Learner):
+    """Takes the trajectories as object refs, so that they move from the samplers' object store
+    to the learner without passing through the driver."""
+
+    def __init__(self, config: Config, num_threads: int):
+        torch.set_num_threads(num_threads)
+        super().__init__(config)
+        self.metrics = _actor_metrics("learner")
+
+    def train_on(self, trajectory_refs: list[ray.ObjectRef], rewards: list[np.ndarray]) -> dict:
+        batches = ray.get(trajectory_refs)
+        start = time.perf_counter()
+        result = self.train(batches, rewards)
+        self.metrics.record(time.perf_counter() - start)
+        return result
