@@ -37,9 +37,12 @@ class SampleTask:
     summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
 
 
-def _options(name: str, resources: ActorResources) -> dict:
+def _options(name: str, resources: ActorResources, max_restarts: int = 0) -> dict:
+    """Actor options; a restartable actor also reruns the tasks it had in flight (at least once:
+    batch ids keep a rerun from counting twice)."""
     return {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
-            "runtime_env": {"env_vars": QUIET_ENV}}
+            "runtime_env": {"env_vars": QUIET_ENV}, "max_restarts": max_restarts,
+            "max_task_retries": -1 if max_restarts else 0}
 
 
 def _threads(resources: ActorResources) -> int:
@@ -56,13 +59,15 @@ class Driver:
             config, _threads(c.learner)
         )
         self.samplers = [
-            ray.remote(SamplerActor).options(**_options(f"sampler-{i}", c.sampler)).remote(
+            ray.remote(SamplerActor).options(**_options(f"sampler-{i}", c.sampler, c.max_restarts)).remote(
                 config, _threads(c.sampler)
             )
             for i in range(c.num_samplers)
         ]
         self.reward_actors = [
-            ray.remote(RewardActor).options(**_options(f"reward-{i}", c.reward)).remote(config.reward.name)
+            ray.remote(RewardActor).options(**_options(f"reward-{i}", c.reward, c.max_restarts)).remote(
+                config.reward.name
+            )
             for i in range(c.num_reward_actors)
         ]
         self.reward_pool = ActorPool(self.reward_actors)
@@ -77,21 +82,20 @@ class Driver:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def broadcast(self, wait: bool) -> None:
-        """Put the learner's LoRA into the object store once and hand the one ref to every
-        sampler; each loads it in place before its next batch (actor calls run in order)."""
+    def broadcast(self) -> None:
+        """Put the learner's LoRA into the object store once. Every sample task from now on
+        carries the one ref; a sampler loads it in place before its next batch. Because each
+        task carries its weights, a task Ray retries on a restarted sampler has them too."""
         weights_ref = self.learner.weights.remote()
         ray.wait([weights_ref], fetch_local=False)
-        loaded = [sampler.set_weights.remote(weights_ref) for sampler in self.samplers]
-        if wait:
-            ray.get(loaded)
+        self.weights = (self.policy_version, [weights_ref])  # in a list: resolved only on a new version
 
     def submit_sampling(self, epoch: int) -> list[SampleTask]:
         tasks = []
         for i, spec in enumerate(epoch_plan(self.config, self.prompts, epoch)):
             sampler = self.samplers[i % len(self.samplers)]
             trajectory_ref, summary_ref = sampler.sample.options(num_returns=2).remote(
-                spec.batch_id, spec.prompts, spec.seeds
+                spec.batch_id, spec.prompts, spec.seeds, *self.weights
             )
             tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
         return tasks
@@ -138,7 +142,7 @@ class Driver:
     def fit(self, start_epoch: int = 0) -> list[dict]:
         config = self.config
         max_lag = config.cluster.max_policy_lag
-        self.broadcast(wait=True)
+        self.broadcast()
         in_flight: deque[list[SampleTask]] = deque()
         next_epoch = start_epoch
         history = []
@@ -168,7 +172,7 @@ class Driver:
             self.policy_version = learner_metrics.pop("policy_version")
 
             broadcast_start = time.perf_counter()
-            self.broadcast(wait=max_lag == 0)
+            self.broadcast()
             time_broadcast = time.perf_counter() - broadcast_start
 
             trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries

@@ -26,8 +26,11 @@ class SamplerActor(Sampler):
         super().__init__(config)
         self.metrics = _actor_metrics("sampler")
 
-    def sample(self, batch_id, prompts, seeds):
+    def sample(self, batch_id, prompts, seeds, policy_version: int, weights_ref: list[ray.ObjectRef]):
+        """Sample with the given weights version, loading it in place first if it is new."""
         start = time.perf_counter()
+        if policy_version != self.policy_version:
+            self.set_weights(ray.get(weights_ref[0]))
         result = super().sample(batch_id, prompts, seeds)
         self.metrics.record(time.perf_counter() - start)
         return result

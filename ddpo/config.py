@@ -127,6 +127,10 @@ class ClusterConfig:
     # 0: fully synchronous, the paper's algorithm; k >= 1: train on batches made with weights
     # up to k versions old (decoupled PPO corrects for it); older batches are dropped and counted
     max_policy_lag: int = 0
+    # a sampler or reward actor that dies is restarted up to this many times, and the tasks it
+    # had in flight are run again on it (a batch id still counts once); the learner holds the
+    # training state and is not restarted: a run whose learner dies resumes from a checkpoint
+    max_restarts: int = 3
     sampler: ActorResources = field(default_factory=ActorResources)
     reward: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
     learner: ActorResources = field(default_factory=ActorResources)
@@ -344,6 +348,7 @@ def validate(config: Config) -> None:
     _check(c.num_samplers >= 1, "cluster.num_samplers: must be >= 1")
     _check(c.num_reward_actors >= 1, "cluster.num_reward_actors: must be >= 1")
     _check(c.max_policy_lag >= 0, "cluster.max_policy_lag: must be >= 0")
+    _check(c.max_restarts >= 0, "cluster.max_restarts: must be >= 0")
     for role in ("sampler", "reward", "learner"):
         res = getattr(c, role)
         _check(res.num_cpus >= 0 and res.num_gpus >= 0,

@@ -33,7 +33,9 @@ def test_broadcast_gives_every_sampler_the_learners_lora(ray_session, tmp_path):
                                       "cluster.learner.num_cpus": 1, "num_epochs": 1})
     driver = Driver(config, make_run_dir(config))
     try:
-        driver.fit()  # one update: the samplers now hold version 1
+        driver.fit()  # one update, then the broadcast of version 1
+        # each sampler loads version 1 before its next batch (2 batches: one per sampler)
+        ray.get([task.summary_ref for task in driver.submit_sampling(1)])
         version, learner_state = ray.get(driver.learner.weights.remote())
         assert version == 1
         for sampler in driver.samplers:
@@ -145,3 +147,50 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp
     events.Reload()
     assert [e.step for e in events.Scalars("reward_mean")] == [0, 1, 2, 3]
     assert len(events.Images("samples")) == 4
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_session, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("undisturbed"), **{"num_epochs": 3})
+    return _run(config)
+
+
+@pytest.mark.parametrize("process_title", ["ray::SamplerActor", "ray::RewardActor"])
+def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tmp_path, undisturbed, process_title):
+    """SIGKILL the actor's process from outside once epoch 1 is under way: Ray restarts it, the
+    tasks it had in flight run again, and the run ends as if nothing had happened."""
+    import threading
+    import time
+
+    import psutil
+
+    config = tiny_config(tmp_path, **{"num_epochs": 3, "run_name": "killed"})
+    metrics_path = tmp_path / "killed" / "metrics.jsonl"
+    killed, stop = [], threading.Event()
+
+    def kill_in_epoch_1():
+        while not stop.is_set() and not (metrics_path.exists() and metrics_path.read_text().strip()):
+            time.sleep(0.02)
+        while not stop.is_set() and not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if " ".join(proc.info["cmdline"] or []).startswith(process_title):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_in_epoch_1)
+    killer.start()
+    try:
+        history, (version, weights) = _run(config)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, f"no {process_title} process was found to kill"
+    assert [m["num_samples"] for m in history] == [8, 8, 8]
+    assert all(m["duplicate_batches"] == 0 and m["dropped_stale"] == 0 for m in history)
+    reference_history, (reference_version, reference_weights) = undisturbed
+    assert version == reference_version == 3
+    assert [m["reward_mean"] for m in history] == [m["reward_mean"] for m in reference_history]
+    for key in weights:
+        assert torch.equal(weights[key], reference_weights[key])
