@@ -55,25 +55,6 @@ def _prepare(args):
     return config
 
 
-def _check_resources(config) -> None:
-    import ray
-
-    c = config.cluster
-    asked = {
-        "CPU": c.sampler.num_cpus * c.num_samplers + c.reward.num_cpus * c.num_reward_actors + c.learner.num_cpus,
-        "GPU": c.sampler.num_gpus * c.num_samplers + c.reward.num_gpus * c.num_reward_actors + c.learner.num_gpus,
-    }
-    have = ray.cluster_resources()
-    for resource, amount in asked.items():
-        if amount > have.get(resource, 0):
-            raise UsageError(
-                f"cluster: the actors ask for {amount:g} {resource} in all "
-                f"({c.num_samplers} samplers, {c.num_reward_actors} reward actors, 1 learner) but the "
-                f"Ray cluster has {have.get(resource, 0):g}; lower cluster.*.num_{resource.lower()}s "
-                "or cluster.num_samplers"
-            )
-
-
 def train(args) -> int:
     import ray
 
@@ -97,7 +78,6 @@ def train(args) -> int:
     print(f"Ray dashboard: http://{dashboard}" if dashboard else "Ray dashboard: not running")
     driver = None
     try:
-        _check_resources(config)
         driver = Driver(config, run_dir)
         start_epoch = 0
         if checkpoint is not None:
@@ -143,7 +123,9 @@ def _user_error(err: BaseException) -> BaseException | None:
     from ddpo.pipeline import ModelLoadError
     from rewards import RewardError
 
-    fixable = (ConfigError, ModelLoadError, RewardError, UsageError, FileExistsError)
+    from cluster.placement import PlacementError
+
+    fixable = (ConfigError, ModelLoadError, RewardError, UsageError, PlacementError, FileExistsError)
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from cluster import QUIET_ENV
 from cluster.metrics import DriverMetrics
+from cluster.placement import Placement
 from cluster.remote import LearnerActor, RewardActor, SamplerActor
 from cluster.run_dir import RunRecorder, is_checkpoint_epoch
 from ddpo.config import ActorResources, Config
@@ -37,12 +38,10 @@ class SampleTask:
     summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
 
 
-def _options(name: str, resources: ActorResources, max_restarts: int = 0) -> dict:
-    """Actor options; a restartable actor also reruns the tasks it had in flight (at least once:
-    batch ids keep a rerun from counting twice)."""
-    return {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
-            "runtime_env": {"env_vars": QUIET_ENV}, "max_restarts": max_restarts,
-            "max_task_retries": -1 if max_restarts else 0}
+def _restartable(max_restarts: int) -> dict:
+    """A restartable actor also reruns the tasks it had in flight (at least once: batch ids
+    keep a rerun from counting twice)."""
+    return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
 
 
 def _threads(resources: ActorResources) -> int:
@@ -55,19 +54,21 @@ class Driver:
         self.run_dir = run_dir
         self.prompts = config.load_prompts()
         c = config.cluster
-        self.learner = ray.remote(LearnerActor).options(**_options("learner", c.learner)).remote(
+        self.placement = Placement(config)
+        quiet = {"runtime_env": {"env_vars": QUIET_ENV}}
+        self.learner = ray.remote(LearnerActor).options(**self.placement.options("learner"), **quiet).remote(
             config, _threads(c.learner)
         )
         self.samplers = [
-            ray.remote(SamplerActor).options(**_options(f"sampler-{i}", c.sampler, c.max_restarts)).remote(
-                config, _threads(c.sampler)
-            )
+            ray.remote(SamplerActor).options(
+                **self.placement.options(f"sampler-{i}"), **quiet, **_restartable(c.max_restarts)
+            ).remote(config, _threads(c.sampler))
             for i in range(c.num_samplers)
         ]
         self.reward_actors = [
-            ray.remote(RewardActor).options(**_options(f"reward-{i}", c.reward, c.max_restarts)).remote(
-                config.reward.name
-            )
+            ray.remote(RewardActor).options(
+                **self.placement.options(f"reward-{i}"), **quiet, **_restartable(c.max_restarts)
+            ).remote(config.reward.name)
             for i in range(c.num_reward_actors)
         ]
         self.reward_pool = ActorPool(self.reward_actors)
@@ -79,6 +80,7 @@ class Driver:
         self.recorder.close()
         for actor in [self.learner, *self.samplers, *self.reward_actors]:
             ray.kill(actor)
+        self.placement.remove()
 
     # -- stages -------------------------------------------------------------------------------
 

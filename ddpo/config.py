@@ -116,6 +116,8 @@ class RewardConfig:
 class ActorResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # custom Ray resources, e.g. {"sampler_node": 1} to pin actors to the nodes that offer it
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +133,10 @@ class ClusterConfig:
     # had in flight are run again on it (a batch id still counts once); the learner holds the
     # training state and is not restarted: a run whose learner dies resumes from a checkpoint
     max_restarts: int = 3
+    # the placement group of all actors: PACK (as few nodes as possible) or SPREAD
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # fail instead of waiting longer than this for the actors' resources
+    placement_timeout_s: float = 60.0
     sampler: ActorResources = field(default_factory=ActorResources)
     reward: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
     learner: ActorResources = field(default_factory=ActorResources)
@@ -195,6 +201,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -351,5 +361,6 @@ def validate(config: Config) -> None:
     _check(c.max_restarts >= 0, "cluster.max_restarts: must be >= 0")
     for role in ("sampler", "reward", "learner"):
         res = getattr(c, role)
-        _check(res.num_cpus >= 0 and res.num_gpus >= 0,
-               f"cluster.{role}: num_cpus and num_gpus must be >= 0")
+        _check(res.num_cpus >= 0 and res.num_gpus >= 0 and all(v >= 0 for v in res.resources.values()),
+               f"cluster.{role}: num_cpus, num_gpus and resources must be >= 0")
+    _check(c.placement_timeout_s > 0, "cluster.placement_timeout_s: must be > 0")

@@ -97,56 +97,50 @@ def test_a_broken_reward_stops_the_run_with_a_named_one_line_error(ray_session, 
 
 
 def test_asking_for_more_than_the_cluster_has_fails_at_once(ray_session, tmp_path):
-    from cluster.cli import UsageError, _check_resources
+    from cluster.placement import Placement, PlacementError
 
     config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "cluster.sampler.num_gpus": 0.5})
-    with pytest.raises(UsageError) as info:
-        _check_resources(config)
+    with pytest.raises(PlacementError) as info:
+        Placement(config)
     assert str(info.value) == ("cluster: the actors ask for 1 GPU in all (2 samplers, 1 reward actors, 1 learner) "
                                "but the Ray cluster has 0; lower cluster.*.num_gpus or cluster.num_samplers")
     config = tiny_config(tmp_path, **{"cluster.num_samplers": 8})
-    with pytest.raises(UsageError, match="^cluster: the actors ask for 9 CPU in all"):
-        _check_resources(config)
+    with pytest.raises(PlacementError, match="^cluster: the actors ask for 9 CPU in all"):
+        Placement(config)
+    config = tiny_config(tmp_path, **{"cluster.sampler.resources": "{sampler_node: 1}"})
+    with pytest.raises(PlacementError, match=r"^cluster: the actors ask for 1 sampler_node .* lower "
+                                             r"cluster\.\*\.resources\.sampler_node"):
+        Placement(config)
 
 
-def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp_path):
-    """Prometheus scrapes each node's metrics endpoint; the ddpo metrics are there mid-run."""
-    import threading
-    import urllib.request
+def test_bundles_that_fit_in_total_but_not_on_one_node_fail_within_the_timeout(ray_session, tmp_path):
+    """4 CPUs exist on the one node, but STRICT_SPREAD wants a node per bundle."""
+    import time
 
-    port = ray.nodes()[0]["MetricsExportPort"]
-    scraped, done = [], threading.Event()
+    from cluster.placement import Placement, PlacementError
 
-    def scrape():
-        while not done.is_set():
-            scraped.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-            done.wait(0.5)
+    config = tiny_config(tmp_path, **{"cluster.placement_strategy": "STRICT_SPREAD",
+                                      "cluster.placement_timeout_s": 2})
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"^cluster: the actors' bundles \(\[\{'CPU': 1\.0\}, "
+                                             r"\{'CPU': 1\.0\}\], strategy STRICT_SPREAD\) could not be placed "
+                                             r"within cluster\.placement_timeout_s=2s on nodes with"):
+        Placement(config)
+    assert time.monotonic() - start < 10
 
-    config = tiny_config(tmp_path, **{"num_epochs": 4, "run_name": "metrics"})
+
+def test_actors_run_in_their_bundles(ray_session, tmp_path):
+    from ray.util.placement_group import placement_group_table
+
+    config = tiny_config(tmp_path, **{"num_epochs": 1, "cluster.num_samplers": 2})
     driver = Driver(config, make_run_dir(config))
-    scraper = threading.Thread(target=scrape)
-    scraper.start()
     try:
+        table = placement_group_table(driver.placement.group)
+        assert table["state"] == "CREATED"
+        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 3  # learner, sampler-0, sampler-1
         driver.fit()
     finally:
-        done.set()
-        scraper.join()
         driver.shutdown()
-    text = "\n".join(scraped)
-    for name in ["ray_ddpo_reward_mean", "ray_ddpo_policy_version", "ray_ddpo_samples_total",
-                 "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth"]:
-        assert name in text, name
-    for actor, role in [("sampler-0", "sampler"), ("reward-0", "reward"), ("learner", "learner")]:
-        assert re.search(rf'ray_ddpo_busy_seconds_total{{[^}}]*actor="{actor}"[^}}]*role="{role}"', text), actor
-        assert re.search(rf'ray_ddpo_idle_ratio{{[^}}]*actor="{actor}"', text), actor
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "metrics"
-    assert (run_dir / "curves.png").is_file()
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("reward_mean")] == [0, 1, 2, 3]
-    assert len(events.Images("samples")) == 4
 
 
 @pytest.fixture(scope="module")
