@@ -9,20 +9,15 @@ import pyarrow as pa
 
 from ddpo.config import Config
 from ddpo.diffusion import sample_trajectories
-from ddpo.lora import LoraState, attach_lora, get_lora_state, load_lora_state
-from ddpo.pipeline import load_pipeline
+from ddpo.lora import LoraState, get_lora_state, load_lora_state
+from ddpo.pipeline import load_policy
 from ddpo.trajectory import LATENTS, to_record_batch
 
 
 class Sampler:
     def __init__(self, config: Config):
         self.config = config
-        self.pipe = load_pipeline(
-            config.model.pretrained, config.model.revision, config.model.device,
-            config.model.dtype, seed=config.seed,
-        )
-        lora = config.lora
-        attach_lora(self.pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
+        self.pipe = load_policy(config)
         self.policy_version = -1  # no weights from the learner yet
 
     def set_weights(self, weights: tuple[int, LoraState]) -> None:

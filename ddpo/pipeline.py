@@ -158,3 +158,15 @@ def load_pipeline(
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     return pipe.to(resolve_device(device))
+
+
+def load_policy(config) -> StableDiffusionPipeline:
+    """The policy p_theta: the frozen pipeline of `config.model` with the LoRA adapter of
+    `config.lora` attached (the same initial adapter everywhere, from `config.seed`)."""
+    from ddpo.lora import attach_lora
+
+    pipe = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
+                         config.model.dtype, seed=config.seed)
+    lora = config.lora
+    attach_lora(pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
+    return pipe

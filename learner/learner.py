@@ -22,22 +22,17 @@ from safetensors.torch import load_file, save_file
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
 from ddpo.config import Config
 from ddpo.diffusion import encode_prompts, predict_noise, step_log_prob
-from ddpo.lora import LoraState, attach_lora, get_lora_state, load_lora_state, lora_parameters, save_lora
+from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, save_lora
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
-from ddpo.pipeline import load_pipeline
+from ddpo.pipeline import load_policy
 from ddpo.trajectory import TrainingBatch, to_training_batch
 
 
 class Learner:
     def __init__(self, config: Config):
         self.config = config
-        self.pipe = load_pipeline(
-            config.model.pretrained, config.model.revision, config.model.device,
-            config.model.dtype, seed=config.seed,
-        )
+        self.pipe = load_policy(config)
         self.pipe.scheduler.set_timesteps(config.sample.num_steps, device=self.pipe.unet.device)
-        lora = config.lora
-        attach_lora(self.pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
         t = config.train
         self.optimizer = torch.optim.AdamW(
             lora_parameters(self.pipe.unet), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),

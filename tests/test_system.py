@@ -143,6 +143,46 @@ def test_actors_run_in_their_bundles(ray_session, tmp_path):
         driver.shutdown()
 
 
+def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp_path):
+    """Prometheus scrapes each node's metrics endpoint; the ddpo metrics are there mid-run."""
+    import threading
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    scraped, done = [], threading.Event()
+
+    def scrape():
+        while not done.is_set():
+            scraped.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            done.wait(0.5)
+
+    config = tiny_config(tmp_path, **{"num_epochs": 4, "run_name": "metrics"})
+    driver = Driver(config, make_run_dir(config))
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        driver.fit()
+    finally:
+        done.set()
+        scraper.join()
+        driver.shutdown()
+    text = "\n".join(scraped)
+    for name in ["ray_ddpo_reward_mean", "ray_ddpo_policy_version", "ray_ddpo_samples_total",
+                 "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth"]:
+        assert name in text, name
+    for actor, role in [("sampler-0", "sampler"), ("reward-0", "reward"), ("learner", "learner")]:
+        assert re.search(rf'ray_ddpo_busy_seconds_total{{[^}}]*actor="{actor}"[^}}]*role="{role}"', text), actor
+        assert re.search(rf'ray_ddpo_idle_ratio{{[^}}]*actor="{actor}"', text), actor
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "metrics"
+    assert (run_dir / "curves.png").is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward_mean")] == [0, 1, 2, 3]
+    assert len(events.Images("samples")) == 4
+
+
 @pytest.fixture(scope="module")
 def undisturbed(ray_session, tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("undisturbed"), **{"num_epochs": 3})
