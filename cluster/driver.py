@@ -5,7 +5,7 @@
         +-------------------- one ObjectRef per LoRA version (policy_version) -------------+
 
 With `cluster.max_policy_lag = k`, sampling runs up to k epochs ahead of the learner, with the
-newest weights the samplers have; batches more than k versions old are dropped and counted.
+newest weights the learner has put; batches more than k versions old are dropped and counted.
 k = 0 is the paper's synchronous algorithm.
 """
 
@@ -73,6 +73,7 @@ class Driver:
         ]
         self.reward_pool = ActorPool(self.reward_actors)
         self.policy_version = 0
+        self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
         self.metrics = DriverMetrics()
         self.recorder = RunRecorder(run_dir)
 
