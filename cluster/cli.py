@@ -58,7 +58,7 @@ def _prepare(args):
 def train(args) -> int:
     import ray
 
-    from cluster.driver import Driver
+    from cluster.driver import ActorLost, Driver
     from cluster.run_dir import latest_checkpoint, make_run_dir, truncate_metrics
 
     config = _prepare(args)
@@ -85,6 +85,10 @@ def train(args) -> int:
             truncate_metrics(run_dir, start_epoch)
             print(f"resuming from {checkpoint} at epoch {start_epoch}")
         history = driver.fit(start_epoch)
+    except ray.exceptions.RayActorError as err:
+        if driver is None:
+            raise
+        raise ActorLost(driver.lost_actor_message(err)) from None
     except KeyboardInterrupt:
         # waits for an update in progress, then saves the learner as it stands
         saved = driver.save_checkpoint() if driver is not None else None
@@ -123,9 +127,10 @@ def _user_error(err: BaseException) -> BaseException | None:
     from ddpo.pipeline import ModelLoadError
     from rewards import RewardError
 
+    from cluster.driver import ActorLost
     from cluster.placement import PlacementError
 
-    fixable = (ConfigError, ModelLoadError, RewardError, UsageError, PlacementError, FileExistsError)
+    fixable = (ConfigError, ModelLoadError, RewardError, UsageError, PlacementError, ActorLost, FileExistsError)
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause

@@ -26,9 +26,13 @@ from cluster import QUIET_ENV
 from cluster.metrics import DriverMetrics
 from cluster.placement import Placement
 from cluster.remote import LearnerActor, RewardActor, SamplerActor
-from cluster.run_dir import RunRecorder, is_checkpoint_epoch
+from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint
 from ddpo.config import ActorResources, Config
 from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
+
+
+class ActorLost(RuntimeError):
+    """An actor died for good (the learner, or a sampler or reward actor out of restarts)."""
 
 
 @dataclass
@@ -82,6 +86,17 @@ class Driver:
         for actor in [self.learner, *self.samplers, *self.reward_actors]:
             ray.kill(actor)
         self.placement.remove()
+
+    def lost_actor_message(self, err: ray.exceptions.RayActorError) -> str:
+        """One line: which actor died, and where the run can go on from."""
+        actors = {"learner": self.learner,
+                  **{f"sampler-{i}": a for i, a in enumerate(self.samplers)},
+                  **{f"reward-{i}": a for i, a in enumerate(self.reward_actors)}}
+        name = next((n for n, a in actors.items() if a._actor_id.hex() == getattr(err, "actor_id", None)), "an actor")
+        checkpoint = latest_checkpoint(self.run_dir)
+        where = (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
+                 else "no checkpoint was written yet (see checkpoint_every)")
+        return f"the actor '{name}' died and was not restarted; {where}"
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -177,7 +192,11 @@ class Driver:
             broadcast_start = time.perf_counter()
             self.broadcast()
             time_broadcast = time.perf_counter() - broadcast_start
+            time_epoch = time.perf_counter() - epoch_start
 
+            # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
+            if is_checkpoint_epoch(config, epoch):
+                self.save_checkpoint()
             trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
             metrics = self.recorder.record_epoch(
                 epoch, self.policy_version,
@@ -187,11 +206,9 @@ class Driver:
                 dropped_stale=len(tasks) - len(fresh),
                 timings={"time_sample_s": time_sample, "time_reward_s": time_reward,
                          "time_train_s": time_train, "time_broadcast_s": time_broadcast,
-                         "time_epoch_s": time.perf_counter() - epoch_start},
+                         "time_epoch_s": time_epoch},
             )
             self.metrics.epoch(metrics)
-            if is_checkpoint_epoch(config, epoch):
-                self.save_checkpoint()
             epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
             history.append(metrics)
         return history

@@ -46,6 +46,8 @@ class InProcessRun:
             trained = time.perf_counter()
             sampler.set_weights(learner.weights())
             done = time.perf_counter()
+            if is_checkpoint_epoch(config, epoch):
+                learner.save_checkpoint(self.run_dir / "checkpoints")
             trajectories = [full for full, _ in batches] if config.save_latents else [s for _, s in batches]
             history.append(self.recorder.record_epoch(
                 epoch, policy_version, pa.Table.from_batches(trajectories), scored,
@@ -54,7 +56,5 @@ class InProcessRun:
                          "time_train_s": trained - rewarded, "time_broadcast_s": done - trained,
                          "time_epoch_s": done - start},
             ))
-            if is_checkpoint_epoch(config, epoch):
-                learner.save_checkpoint(self.run_dir / "checkpoints")
         self.recorder.close()
         return history
