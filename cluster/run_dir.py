@@ -38,11 +38,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
-def checkpoint_epochs(checkpoint: Path) -> int:
-    """How many epochs (updates) the learner had trained when it wrote `checkpoint`."""
-    return json.loads((checkpoint / "learner_state.json").read_text())["policy_version"]
-
-
 def truncate_metrics(run_dir: Path, num_epochs: int) -> None:
     """Keep the metrics of the first `num_epochs` epochs: a resumed run redoes the rest."""
     path = run_dir / "metrics.jsonl"

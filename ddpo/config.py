@@ -303,12 +303,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    config = _build(Config, data)
-    validate(config)
-    return config
-
-
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
