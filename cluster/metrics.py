@@ -5,6 +5,7 @@ The Grafana dashboard in `cluster/grafana_dashboard.json` plots them."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from ray.util.metrics import Counter, Gauge
 
@@ -21,7 +22,12 @@ class ActorMetrics:
         self.idle_ratio = Gauge("ddpo_idle_ratio", "fraction of the actor's life spent waiting",
                                 tag_keys=("actor", "role"))
 
-    def record(self, seconds: float) -> None:
+    @contextmanager
+    def working(self):
+        """Count the time spent in the `with` block as busy."""
+        start = time.monotonic()
+        yield
+        seconds = time.monotonic() - start
         self.busy += seconds
         self.busy_total.inc(seconds, tags=self.tags)
         self.idle_ratio.set(1.0 - self.busy / max(time.monotonic() - self.started, 1e-9), tags=self.tags)

@@ -3,8 +3,6 @@ what only makes sense inside Ray (object refs in, torch threads from the actor's
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import ray
 import torch
@@ -28,12 +26,10 @@ class SamplerActor(Sampler):
 
     def sample(self, batch_id, prompts, seeds, policy_version: int, weights_ref: list[ray.ObjectRef]):
         """Sample with the given weights version, loading it in place first if it is new."""
-        start = time.perf_counter()
-        if policy_version != self.policy_version:
-            self.set_weights(ray.get(weights_ref[0]))
-        result = super().sample(batch_id, prompts, seeds)
-        self.metrics.record(time.perf_counter() - start)
-        return result
+        with self.metrics.working():
+            if policy_version != self.policy_version:
+                self.set_weights(ray.get(weights_ref[0]))
+            return super().sample(batch_id, prompts, seeds)
 
 
 class RewardActor(RewardWorker):
@@ -42,10 +38,8 @@ class RewardActor(RewardWorker):
         self.metrics = _actor_metrics("reward")
 
     def score(self, batch):
-        start = time.perf_counter()
-        result = super().score(batch)
-        self.metrics.record(time.perf_counter() - start)
-        return result
+        with self.metrics.working():
+            return super().score(batch)
 
 
 class LearnerActor(Learner):
@@ -59,7 +53,5 @@ class LearnerActor(Learner):
 
     def train_on(self, trajectory_refs: list[ray.ObjectRef], rewards: list[np.ndarray]) -> dict:
         batches = ray.get(trajectory_refs)
-        start = time.perf_counter()
-        result = self.train(batches, rewards)
-        self.metrics.record(time.perf_counter() - start)
-        return result
+        with self.metrics.working():
+            return self.train(batches, rewards)
