@@ -3,7 +3,7 @@ classes composed in one process. Prints one JSON object.
 
     python bench/throughput.py [--epochs 3] [--set key=value ...]
 
-Each figure times the same work on the same config (the embedded tiny default unless --set
+Each figure times the same work on the same config (configs/tiny.yaml unless --set
 changes it): the in-process run and the Ray lag-0 run sample, score and train the same samples,
 with the same number of torch threads per part (the actors' num_cpus). Model loading and actor
 start-up are excluded; Ray's own start-up is reported on its own.
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from actors.reward import RewardWorker  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
-from cluster.cli import default_config_path  # noqa: E402
+from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
 from cluster.inprocess import InProcessRun  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
@@ -39,20 +39,20 @@ from learner import Learner  # noqa: E402
 
 def _config(args, output_dir: str, run_name: str, extra: list[str] = ()):
     overrides = [f"num_epochs={args.epochs}", f"output_dir={output_dir}", f"run_name={run_name}",
-                 "cluster.sampler.num_cpus=1", "cluster.learner.num_cpus=1", *args.set, *extra]
-    return load_config(default_config_path(), overrides)
+                 "cluster.sampler.num_cpus=1", "cluster.learner.num_cpus=1", "eval_images=0", *args.set, *extra]
+    return load_config(embedded_config("tiny.yaml"), overrides)
 
 
 def bench_parts(config) -> dict:
     """The sampler and the learner alone, on one epoch of samples (after a warm-up batch)."""
-    learner, sampler, reward = Learner(config), Sampler(config), RewardWorker(config.reward.name)
+    learner, sampler, reward = Learner(config), Sampler(config), RewardWorker(config.reward)
     sampler.set_weights(learner.weights())
     specs = epoch_plan(config, config.load_prompts(), 0)
     sampler.sample(specs[0].batch_id, specs[0].prompts, specs[0].seeds)  # warm-up
     start = time.perf_counter()
     batches = [sampler.sample(s.batch_id, s.prompts, s.seeds) for s in specs]
     sample_s = time.perf_counter() - start
-    rewards = [reward.score(summary)[1] for _, summary in batches]
+    rewards = [rewards for _, rewards, _ in reward.score(*[summary for _, summary in batches])]
     start = time.perf_counter()
     learner.train([full for full, _ in batches], rewards)
     train_s = time.perf_counter() - start

@@ -9,6 +9,7 @@ model on CPU). Every problem the user can fix is one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from importlib import resources
@@ -26,15 +27,16 @@ class UsageError(Exception):
     """A problem the user fixes in the config or the command line."""
 
 
-def default_config_path() -> Path:
-    return Path(str(resources.files("configs").joinpath(DEFAULT_CONFIG)))
+def embedded_config(name: str = DEFAULT_CONFIG) -> Path:
+    """A config shipped in the package's `configs/` (the default of `ddpo train` when no name)."""
+    return Path(str(resources.files("configs").joinpath(name)))
 
 
 def _prepare(args):
     """Load and check everything that can be checked before Ray starts."""
     from ddpo.config import load_config
     from ddpo.pipeline import check_pretrained
-    from rewards import load_reward
+    from rewards import check_reward
 
     if args.resume is not None:
         if args.config is not None:
@@ -43,10 +45,11 @@ def _prepare(args):
         if not config_path.is_file():
             raise UsageError(f"--resume: '{args.resume}' is not a run directory (no config.yaml there)")
     else:
-        config_path = args.config or default_config_path()
+        config_path = args.config or embedded_config()
     config = load_config(config_path, args.set)
     config.load_prompts()
-    load_reward(config.reward.name)
+    for term in config.reward.terms():
+        check_reward(term.name, term.params)
     # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
     config.output_dir = str(Path(config.output_dir).resolve())
@@ -103,6 +106,11 @@ def train(args) -> int:
         first, last = history[0], history[-1]
         print(f"reward_mean: epoch {first['epoch']} {first['reward_mean']:.4f}, "
               f"epoch {last['epoch']} {last['reward_mean']:.4f}")
+    if (run_dir / "eval.json").exists():  # the fixed eval batch, before and after training
+        evals = json.loads((run_dir / "eval.json").read_text())
+        changes = ", ".join(f"{key} {evals['before'][key]:.4f} -> {evals['after'][key]:.4f}"
+                            for key in evals["after"] if key != "reward_std")
+        print(f"eval batch: {changes} ({run_dir / 'before_after.png'})")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; LoRA: {run_dir / 'checkpoints'}")
     return 0
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 from cluster import QUIET_ENV
 from cluster.metrics import DriverMetrics
 from cluster.placement import Placement
 from cluster.remote import LearnerActor, RewardActor, SamplerActor
-from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint
+from cluster.reward_pool import RewardPool
+from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint, with_rewards
 from ddpo.config import ActorResources, Config
-from ddpo.plan import SampleBatchSpec, epoch_plan, fresh_batches
+from ddpo.plan import SampleBatchSpec, epoch_plan, eval_plan, fresh_batches
 
 
 class ActorLost(RuntimeError):
@@ -60,30 +60,49 @@ class Driver:
         c = config.cluster
         self.placement = Placement(config)
         quiet = {"runtime_env": {"env_vars": QUIET_ENV}}
-        self.learner = ray.remote(LearnerActor).options(**self.placement.options("learner"), **quiet).remote(
-            config, _threads(c.learner)
-        )
-        self.samplers = [
-            ray.remote(SamplerActor).options(
-                **self.placement.options(f"sampler-{i}"), **quiet, **_restartable(c.max_restarts)
-            ).remote(config, _threads(c.sampler))
-            for i in range(c.num_samplers)
-        ]
-        self.reward_actors = [
-            ray.remote(RewardActor).options(
-                **self.placement.options(f"reward-{i}"), **quiet, **_restartable(c.max_restarts)
-            ).remote(config.reward.name)
-            for i in range(c.num_reward_actors)
-        ]
-        self.reward_pool = ActorPool(self.reward_actors)
         self.policy_version = 0
         self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
         self.metrics = DriverMetrics()
         self.recorder = RunRecorder(run_dir)
+        self.learner, self.samplers, self.reward_actors = None, [], []
+        try:
+            self.reward_actors = [
+                ray.remote(RewardActor).options(
+                    **self.placement.options(f"reward-{i}"), **quiet, **_restartable(c.max_restarts)
+                ).remote(config.reward, _threads(c.reward))
+                for i in range(c.num_reward_actors)
+            ]
+            if c.reward.num_gpus > 0:  # a vLLM engine sizes its cache from the GPU memory free at
+                self._wait_ready(self.reward_actors)  # its start: start it before the diffusers actors
+            self.learner = ray.remote(LearnerActor).options(**self.placement.options("learner"), **quiet).remote(
+                config, _threads(c.learner)
+            )
+            self.samplers = [
+                ray.remote(SamplerActor).options(
+                    **self.placement.options(f"sampler-{i}"), **quiet, **_restartable(c.max_restarts)
+                ).remote(config, _threads(c.sampler))
+                for i in range(c.num_samplers)
+            ]
+            self._wait_ready(self.actors)
+        except Exception:
+            self.shutdown()
+            raise
+        self.reward_pool = RewardPool(self.reward_actors, " + ".join(t.name for t in config.reward.terms()),
+                                      config.reward.max_batch_images, config.reward.timeout_s)
+
+    @property
+    def actors(self) -> list:
+        return [a for a in [self.learner, *self.samplers, *self.reward_actors] if a is not None]
+
+    @staticmethod
+    def _wait_ready(actors: list) -> None:
+        """The actors load their models in their constructors: wait for them, so that an error
+        there surfaces now, whole, and no reward timeout counts a model load."""
+        ray.get([actor.ready.remote() for actor in actors])
 
     def shutdown(self) -> None:
         self.recorder.close()
-        for actor in [self.learner, *self.samplers, *self.reward_actors]:
+        for actor in self.actors:
             ray.kill(actor)
         self.placement.remove()
 
@@ -119,33 +138,34 @@ class Driver:
         return tasks
 
     def collect(self, tasks: list[SampleTask], progress: tqdm) -> tuple[dict, float, float]:
-        """Wait for an epoch's sample batches, scoring each in the reward pool as soon as it is
+        """Wait for an epoch's sample batches, queueing each for the reward pool as soon as it is
         made. Returns ({batch_id: (rewards, info)}, sample seconds, reward seconds after that)."""
         start = time.perf_counter()
-        waiting = [task.summary_ref for task in tasks]
+        waiting = {task.summary_ref: len(task.spec.prompts) for task in tasks}
         scored: dict[str, tuple[np.ndarray, dict]] = {}
         sampled_at = start
         while len(scored) < len(tasks):
             if waiting:
-                block = not self.reward_pool.has_next()
-                ready, waiting = ray.wait(waiting, num_returns=1 if block else len(waiting),
-                                          timeout=None if block else 0)
+                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
                 for ref in ready:
-                    self.reward_pool.submit(lambda actor, summary: actor.score.remote(summary), ref)
+                    self.reward_pool.submit(ref, waiting.pop(ref))
                 if not waiting:
                     sampled_at = time.perf_counter()
-                self.metrics.queues(sampling=len(waiting), scoring=len(tasks) - len(waiting) - len(scored))
-            if self.reward_pool.has_next():
-                try:
-                    batch_id, rewards, info = self.reward_pool.get_next_unordered(
-                        timeout=0.02 if waiting else None
-                    )
-                except TimeoutError:
-                    continue
-                scored.setdefault(batch_id, (rewards, info))  # a batch id counts once
-                progress.update(len(rewards))
-                self.metrics.queues(sampling=len(waiting), scoring=len(tasks) - len(waiting) - len(scored))
+            for batch_id, rewards, info in self.reward_pool.poll(timeout=0.02):
+                if batch_id not in scored:  # a batch id counts once
+                    scored[batch_id] = (rewards, info)
+                    progress.update(len(rewards))
+            self.metrics.queues(sampling=len(waiting), scoring=self.reward_pool.num_items)
         return scored, sampled_at - start, time.perf_counter() - sampled_at
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """Sample and score the fixed eval batch with the current weights, and record it."""
+        spec = eval_plan(self.config, self.prompts)
+        _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
+            spec.batch_id, spec.prompts, spec.seeds, *self.weights)
+        ((_, rewards, info),) = ray.get(self.reward_actors[0].score.remote(summary_ref))
+        table = with_rewards(pa.Table.from_batches([ray.get(summary_ref)]), rewards, info)
+        return self.recorder.record_eval(when, self.policy_version, table)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -161,6 +181,8 @@ class Driver:
         config = self.config
         max_lag = config.cluster.max_policy_lag
         self.broadcast()
+        if start_epoch == 0 and config.eval_images:
+            self.evaluate("before")
         in_flight: deque[list[SampleTask]] = deque()
         next_epoch = start_epoch
         history = []
@@ -211,4 +233,6 @@ class Driver:
             self.metrics.epoch(metrics)
             epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
             history.append(metrics)
+        if config.eval_images:
+            self.evaluate("after")
         return history

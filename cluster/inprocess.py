@@ -27,7 +27,7 @@ class InProcessRun:
         self.prompts = config.load_prompts()
         self.learner = Learner(config)
         self.sampler = Sampler(config)
-        self.reward = RewardWorker(config.reward.name)
+        self.reward = RewardWorker(config.reward)
         self.recorder = RunRecorder(run_dir)
 
     def fit(self) -> list[dict]:
@@ -39,7 +39,7 @@ class InProcessRun:
             batches = [sampler.sample(spec.batch_id, spec.prompts, spec.seeds)
                        for spec in epoch_plan(config, self.prompts, epoch)]
             sampled = time.perf_counter()
-            scored = [self.reward.score(summary)[1:] for _, summary in batches]
+            scored = [scored[1:] for scored in self.reward.score(*[summary for _, summary in batches])]
             rewarded = time.perf_counter()
             learner_metrics = learner.train([full for full, _ in batches], [r for r, _ in scored])
             policy_version = learner_metrics.pop("policy_version")

@@ -13,7 +13,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from ddpo.config import Config, save_config
-from ddpo.trajectory import images_of, write_parquet
+from ddpo.trajectory import images_of, read_parquet, write_parquet
 
 
 def make_run_dir(config: Config) -> Path:
@@ -64,25 +64,46 @@ def write_trajectories(run_dir: Path, epoch: int, table: pa.Table) -> None:
     write_parquet(table, run_dir / "trajectories" / f"epoch_{epoch:04d}.parquet")
 
 
-def write_sample_grid(run_dir: Path, epoch: int, table: pa.Table, max_images: int = 16) -> Image.Image:
-    """A grid of the epoch's first images, each captioned with its prompt and reward."""
+def _answer(table: pa.Table, row: int) -> str:
+    """The reward's `answer` for a row (a VLM's answer, a judge's label), or ''."""
+    names = [n for n in table.column_names if n == "info.answer" or n.endswith(".answer")]
+    return str(table.column(names[0])[row].as_py()) if names else ""
+
+
+def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None) -> Image.Image:
+    """A grid of the first images, each captioned with its prompt, reward and the reward's
+    answer when it gives one."""
     table = table.slice(0, max_images)
     images = images_of(table)
     prompts = table.column("prompt").to_pylist()
     rewards = table.column("reward").to_pylist()
-    cell = max(128, images.shape[1])
-    caption = 24
+    cell, caption, top = max(128, images.shape[1]), 36, 16 if title else 0
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * cell, rows * (cell + caption)), "white")
+    grid = Image.new("RGB", (cols * cell, top + rows * (cell + caption)), "white")
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 2), title, fill="black")
     for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards)):
-        x, y = (i % cols) * cell, (i // cols) * (cell + caption)
+        x, y = (i % cols) * cell, top + (i // cols) * (cell + caption)
         grid.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
         draw.text((x + 2, y + cell + 1), prompt[:24], fill="black")
         draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
-    grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        draw.text((x + 2, y + cell + 23), _answer(table, i)[:24], fill="darkblue")
     return grid
+
+
+def reward_summary(table: pa.Table) -> dict[str, float]:
+    """reward_mean/std, and the mean of each numeric extra of the reward as `<key>_mean` (a
+    judge's `correct` gives `correct_mean`, its accuracy)."""
+    rewards = table.column("reward").to_numpy()
+    summary = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+    for field in table.schema:
+        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type)
+        if field.name.startswith("info.") and numeric:
+            values = table.column(field.name).to_numpy(zero_copy_only=False).astype(np.float64)
+            summary[f"{field.name[len('info.'):]}_mean"] = float(values.mean())
+    return summary
 
 
 def write_curves(run_dir: Path) -> None:
@@ -131,12 +152,12 @@ class RunRecorder:
         info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
         table = with_rewards(table, rewards, info)
         write_trajectories(run_dir, epoch, table)
-        grid = write_sample_grid(run_dir, epoch, table)
+        grid = sample_grid(table)
+        grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
         metrics = {
             "epoch": epoch,
             "policy_version": policy_version,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
+            **reward_summary(table),
             "approx_kl": learner_metrics.get("approx_kl", float("nan")),
             "clipfrac": learner_metrics.get("clipfrac", float("nan")),
             "loss": learner_metrics.get("loss", float("nan")),
@@ -154,3 +175,23 @@ class RunRecorder:
         self.tensorboard.add_image("samples", np.asarray(grid), epoch, dataformats="HWC")
         self.tensorboard.flush()
         return metrics
+
+    def record_eval(self, when: str, policy_version: int, table: pa.Table) -> dict[str, float]:
+        """The fixed eval batch (`ddpo.plan.eval_plan`) `before` training or `after` it:
+        `samples/eval_<when>.parquet`, and once both exist `before_after.png` and `eval.json`."""
+        write_parquet(table.append_column("eval_policy_version", pa.array([policy_version] * table.num_rows)),
+                      self.run_dir / "samples" / f"eval_{when}.parquet")
+        paths = {w: self.run_dir / "samples" / f"eval_{w}.parquet" for w in ("before", "after")}
+        if when != "after" or not paths["before"].exists():
+            return reward_summary(table)
+        tables = {w: read_parquet(path) for w, path in paths.items()}
+        summaries = {w: reward_summary(t) for w, t in tables.items()}
+        grids = [sample_grid(t, title=f"{w}: policy version {t.column('eval_policy_version')[0].as_py()}, "
+                                      f"reward mean {summaries[w]['reward_mean']:.3f}")
+                 for w, t in tables.items()]
+        both = Image.new("RGB", (sum(g.width for g in grids) + 16, max(g.height for g in grids)), "white")
+        both.paste(grids[0], (0, 0))
+        both.paste(grids[1], (grids[0].width + 16, 0))
+        both.save(self.run_dir / "before_after.png")
+        (self.run_dir / "eval.json").write_text(json.dumps(summaries, indent=1) + "\n")
+        return summaries["after"]

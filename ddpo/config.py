@@ -44,7 +44,8 @@ class LoraConfig:
 
 @dataclass
 class PromptConfig:
-    # An inline list, or a text file with one prompt per line (when set, it replaces the list).
+    # An inline list, or a text file with one prompt per line (when set, it replaces the list;
+    # a relative path is relative to the config file's folder).
     prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a horse", "a bird"])
     file: str | None = None
 
@@ -107,9 +108,28 @@ class AdvantageConfig:
 
 
 @dataclass
+class RewardTerm:
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RewardConfig:
-    # a registered reward (see `rewards/`) or a `module:function` path
+    # a registered reward (see `rewards/`) or a `module:function` path, and its keyword arguments
     name: str = "jpeg_compressibility"
+    params: dict[str, Any] = field(default_factory=dict)
+    # several rewards combined as r = sum_i weight_i * r_i; when set, it replaces name/params
+    weighted: list[RewardTerm] = field(default_factory=list)
+    # a free reward actor scores every sample batch waiting (whole batches, from any sampler)
+    # in one call of up to this many images
+    max_batch_images: int = 64
+    # a call that raises or runs longer than this is retried once on another reward actor,
+    # then the run fails naming the reward
+    timeout_s: float = 600.0
+
+    def terms(self) -> list[RewardTerm]:
+        return list(self.weighted) or [RewardTerm(self.name, 1.0, dict(self.params))]
 
 
 @dataclass
@@ -152,6 +172,8 @@ class Config:
     checkpoint_every: int = 0
     # also write the latents of every trajectory to Parquet (large)
     save_latents: bool = False
+    # images of the fixed batch sampled before and after training (`before_after.png`); 0 = none
+    eval_images: int = 16
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -186,6 +208,8 @@ class Config:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    if annotation is Any:  # free-form values (a reward's params), passed on as YAML gave them
+        return value
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
@@ -299,6 +323,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config: '{path}' must hold a mapping of config keys")
     data = _merge(data, parse_overrides(overrides or []))
     config = _build(Config, data)
+    if path is not None and config.prompts.file is not None:  # relative to the config's folder
+        config.prompts.file = str((path.resolve().parent / config.prompts.file).resolve())
     validate(config)
     return config
 
@@ -317,6 +343,7 @@ def validate(config: Config) -> None:
     s, t, a, c = config.sample, config.train, config.advantage, config.cluster
     _check(config.num_epochs >= 1, "num_epochs: must be >= 1")
     _check(config.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
+    _check(config.eval_images >= 0, "eval_images: must be >= 0")
     _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
     _check(len(config.lora.target_modules) > 0, "lora.target_modules: must name at least one module")
     _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
@@ -349,6 +376,8 @@ def validate(config: Config) -> None:
     _check(a.buffer_size >= 1, "advantage.buffer_size: must be >= 1")
     _check(1 <= a.min_count <= a.buffer_size,
            "advantage.min_count: must be between 1 and advantage.buffer_size")
+    _check(config.reward.max_batch_images >= 1, "reward.max_batch_images: must be >= 1")
+    _check(config.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     _check(c.num_samplers >= 1, "cluster.num_samplers: must be >= 1")
     _check(c.num_reward_actors >= 1, "cluster.num_reward_actors: must be >= 1")
     _check(c.max_policy_lag >= 0, "cluster.max_policy_lag: must be >= 0")

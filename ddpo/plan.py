@@ -38,3 +38,14 @@ def fresh_batches(batch_versions: list[int], policy_version: int, max_policy_lag
     """Indices of the batches made at most `max_policy_lag` versions before `policy_version`;
     the others are stale and get dropped."""
     return [i for i, v in enumerate(batch_versions) if policy_version - v <= max_policy_lag]
+
+
+def eval_plan(config: Config, prompts: list[str]) -> SampleBatchSpec:
+    """The fixed batch sampled before training and after it (the before/after grid): the first
+    prompts in order, repeated to fill `config.eval_images`, with seeds far above any epoch's."""
+    num_images = config.eval_images
+    return SampleBatchSpec(
+        batch_id="eval",
+        prompts=[prompts[i % len(prompts)] for i in range(num_images)],
+        seeds=[2**62 + config.seed * num_images + i for i in range(num_images)],
+    )

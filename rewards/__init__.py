@@ -2,49 +2,82 @@
 
 A reward is `fn(images, prompts, metadata) -> (rewards, info)`: images uint8 [B, H, W, 3],
 prompts a list of B strings, metadata a list of B dicts; rewards a float array [B], info a dict
-of per-image extras (lists of length B). Registered names are below; any other reward is given
-as a `module:function` path.
+of per-image extras (lists of length B; an `answer` entry, such as a VLM's answer, is shown
+under each image in the sample grids).
+
+A reward is named in the config by a registered name (below) or a `module:attr` path, with
+keyword arguments `reward.params`:
+- a function is called as `fn(images, prompts, metadata, **params)`;
+- a class is built once per reward actor as `cls(**params)` (load models in `__init__`) and the
+  instance is called as `reward(images, prompts, metadata)`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from typing import Any, Callable
 
 import numpy as np
 
-from rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
-
 RewardFn = Callable[[np.ndarray, list[str], list[dict[str, Any]]], tuple[np.ndarray, dict[str, list]]]
 
-REGISTRY: dict[str, RewardFn] = {
-    "jpeg_compressibility": jpeg_compressibility,
-    "jpeg_incompressibility": jpeg_incompressibility,
+# name -> "module:attr", imported only when used (the model rewards pull in transformers)
+REGISTRY: dict[str, str] = {
+    "jpeg_compressibility": "rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "rewards.jpeg:jpeg_incompressibility",
+    "prompt_alignment": "rewards.alignment:PromptAlignment",
+    "aesthetic": "rewards.aesthetic:AestheticScore",
+    "digit_judge": "rewards.digits:DigitJudge",
 }
 
 
 class RewardError(RuntimeError):
-    """A reward could not be found or returned something unusable; the message names it."""
+    """A reward could not be built or returned something unusable; the message names it."""
 
 
-def load_reward(name: str) -> RewardFn:
-    """A registered reward by name, or a user function by `module:function`."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if ":" not in name:
+class RewardProcessDead(RuntimeError):
+    """The reward's process can no longer score (e.g. its vLLM engine died): the reward actor
+    exits so that Ray restarts it and reruns the call, instead of retrying a dead engine."""
+
+
+def resolve_reward(name: str) -> Any:
+    """The function or class behind a registered name or a `module:attr` path."""
+    path = REGISTRY.get(name, name)
+    if ":" not in path:
         raise RewardError(
             f"reward.name: unknown reward '{name}'; choose one of {sorted(REGISTRY)} "
             "or give a 'module:function' path"
         )
-    module_name, function_name = name.split(":", 1)
+    module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise RewardError(f"reward.name: cannot import module '{module_name}' ({err})") from None
-    fn = getattr(module, function_name, None)
+    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward.name: module '{module_name}' has no function '{function_name}'")
+        raise RewardError(f"reward.name: module '{module_name}' has no function '{attr}'")
     return fn
+
+
+def check_reward(name: str, params: dict[str, Any] | None = None) -> Any:
+    """The reward behind `name`, checked to take `params`, without building it (no model loads)."""
+    fn = resolve_reward(name)
+    call_args = () if inspect.isclass(fn) else (None, None, None)  # (images, prompts, metadata)
+    try:
+        inspect.signature(fn).bind_partial(*call_args, **(params or {}))
+    except TypeError as err:
+        raise RewardError(f"reward.params: '{name}' does not take these params ({err})") from None
+    return fn
+
+
+def load_reward(name: str, params: dict[str, Any] | None = None) -> RewardFn:
+    """A ready-to-call reward: the class built with `params`, or the function with them bound."""
+    fn, params = check_reward(name, params), dict(params or {})
+    if inspect.isclass(fn):
+        return fn(**params)
+    return functools.partial(fn, **params) if params else fn
 
 
 def compute_reward(name: str, fn: RewardFn, images: np.ndarray, prompts: list[str],
@@ -52,6 +85,8 @@ def compute_reward(name: str, fn: RewardFn, images: np.ndarray, prompts: list[st
     """Call a reward and check what it returns: never a silent zero for a broken reward."""
     try:
         rewards, info = fn(images, prompts, metadata)
+    except RewardError:
+        raise
     except Exception as err:
         raise RewardError(f"reward '{name}' raised {type(err).__name__}: {err}") from err
     rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)

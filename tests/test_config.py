@@ -3,7 +3,7 @@
 import pytest
 
 from ddpo.config import ConfigError, load_config
-from cluster.cli import default_config_path
+from cluster.cli import embedded_config
 
 
 def test_defaults_and_overrides():
@@ -16,7 +16,7 @@ def test_defaults_and_overrides():
 
 
 def test_embedded_default_config_loads():
-    config = load_config(default_config_path())
+    config = load_config(embedded_config())
     assert config.model.pretrained == "builtin:tiny"
     assert config.reward.name == "jpeg_compressibility"
 

@@ -12,8 +12,8 @@ from tests.conftest import tiny_config
 
 def _epoch(config, sampler, epoch):
     batches = [sampler.sample(s.batch_id, s.prompts, s.seeds) for s in epoch_plan(config, config.load_prompts(), epoch)]
-    worker = RewardWorker(config.reward.name)
-    return [full for full, _ in batches], [worker.score(summary)[1] for _, summary in batches]
+    worker = RewardWorker(config.reward)
+    return [full for full, _ in batches], [rewards for _, rewards, _ in worker.score(*[summary for _, summary in batches])]
 
 
 def test_update_changes_the_lora_and_counts_duplicates(tmp_path):

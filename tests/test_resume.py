@@ -72,3 +72,35 @@ def test_resume_error_messages(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"ddpo: error: --resume: '{tmp_path / 'run'}' has no checkpoint to resume from"
     main(["train", "--resume", str(tmp_path / "run"), "--config", "x.yaml"])
     assert capsys.readouterr().err.strip().startswith("ddpo: error: --resume: the run's own config.yaml is used")
+
+
+def test_a_killed_driver_leaves_a_checkpoint_no_older_than_the_interval(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([*DDPO, "--set", f"output_dir={tmp_path}", "--set", "run_name=killed",
+                             "--set", "checkpoint_every=1", *SMALL],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(_metrics(run_dir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    session = [p for p in psutil.process_iter() if _session_id(p) == proc.pid]  # the driver and its Ray
+    proc.kill()  # SIGKILL to the driver alone: no handler runs
+    proc.wait(timeout=30)
+    for leftover in session:  # what the driver started, if it outlived the driver
+        if leftover.is_running():
+            leftover.kill()
+    recorded = max(m["epoch"] for m in _metrics(run_dir))
+    checkpointed = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*"))
+    assert checkpointed and int(checkpointed[-1].split("_")[1]) >= recorded  # nothing recorded is lost
+
+    resumed = subprocess.run([*DDPO, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted({m["epoch"] for m in _metrics(run_dir)}) == [0, 1, 2, 3, 4]
+
+
+def _session_id(process):
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None

@@ -52,3 +52,61 @@ def test_registry_and_plugins():
         load_reward("no_such_module:fn")
     with pytest.raises(RewardError, match="^reward.name: module 'rewards.jpeg' has no function 'nope'"):
         load_reward("rewards.jpeg:nope")
+
+
+def test_params_are_bound_and_checked():
+    images = _flat_and_noise()
+    low_quality = load_reward("jpeg_incompressibility", {"quality": 50})
+    assert low_quality(images, ["a", "b"], [{}, {}])[0][1] < jpeg_incompressibility(images, ["a", "b"], [{}, {}])[0][1]
+    with pytest.raises(RewardError, match=r"^reward.params: 'jpeg_compressibility' does not take these params"):
+        load_reward("jpeg_compressibility", {"qualty": 50})
+    counter = load_reward("tests.test_rewards:CountingReward", {"offset": 2.0})  # a class: built once
+    assert counter(images, ["a", "b"], [{}, {}])[0].tolist() == [2.0, 3.0]
+
+
+class CountingReward:
+    def __init__(self, offset: float = 0.0):
+        self.offset = offset
+
+    def __call__(self, images, prompts, metadata):
+        return self.offset + np.arange(len(images)), {"answer": [f"image {i}" for i in range(len(images))]}
+
+
+class FailingToLoadReward:
+    def __init__(self, path: str = "/no/such/head.safetensors"):
+        raise RewardError(f"reward.params.path: no file '{path}'")
+
+    def __call__(self, images, prompts, metadata):
+        raise AssertionError("never built")
+
+
+def test_weighted_rewards_sum_and_keep_each_terms_extras():
+    import pyarrow as pa
+
+    from actors.reward import RewardWorker
+    from ddpo.config import load_config
+    from ddpo.trajectory import encode_png
+
+    config = load_config(None, ["reward.weighted=[{name: jpeg_compressibility, weight: 2.0}, "
+                                "{name: 'tests.test_rewards:CountingReward', weight: 0.5, params: {offset: 1.0}}]"])
+    worker = RewardWorker(config.reward)
+    images = _flat_and_noise()
+
+    def batch(batch_id, rows):
+        return pa.RecordBatch.from_pydict({
+            "batch_id": [batch_id] * len(rows), "prompt": ["p"] * len(rows), "seed": list(range(len(rows))),
+            "policy_version": [0] * len(rows), "image_png": [encode_png(image) for image in rows]})
+
+    (id0, r0, info0), (id1, r1, info1) = worker.score(batch("a", images[:1]), batch("b", images[1:]))
+    sizes = jpeg_compressibility(images, ["p", "p"], [{}, {}])[0]
+    assert (id0, id1) == ("a", "b")
+    np.testing.assert_allclose(np.concatenate([r0, r1]), 2.0 * sizes + 0.5 * np.array([1.0, 2.0]), rtol=1e-6)
+    assert info1["tests.test_rewards:CountingReward.answer"] == ["image 1"]
+    assert info0["jpeg_compressibility"] == pytest.approx([sizes[0]])
+
+
+def brightness_judge(images, prompts, metadata, threshold: float = 0.5):
+    """A stand-in judge: the reward is the brightness; it answers and is 'correct' when bright."""
+    value = images.reshape(len(images), -1).mean(axis=1) / 255.0
+    return value, {"answer": ["bright" if v > threshold else "dark" for v in value],
+                   "correct": [float(v > threshold) for v in value]}

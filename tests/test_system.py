@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -94,6 +95,35 @@ def test_a_broken_reward_stops_the_run_with_a_named_one_line_error(ray_session, 
         _run(config)
     error = _user_error(info.value)
     assert str(error) == "reward 'tests.test_rewards:_nan_reward' returned NaN or infinite rewards"
+
+
+def test_a_reward_that_fails_to_load_is_its_own_one_line_error(ray_session, tmp_path):
+    from cluster.cli import _user_error
+
+    config = tiny_config(tmp_path, **{"reward.name": "tests.test_rewards:FailingToLoadReward"})
+    with pytest.raises(Exception) as info:
+        Driver(config, make_run_dir(config))
+    assert str(_user_error(info.value)) == "reward.params.path: no file '/no/such/head.safetensors'"
+    assert ray.util.placement_group_table() and all(  # the driver cleaned up after itself
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_a_run_records_the_rewards_answers_and_a_before_after_grid(ray_session, tmp_path):
+    config = tiny_config(tmp_path, **{"reward.name": "tests.test_rewards:brightness_judge",
+                                      "reward.params": "{threshold: 0.4}", "eval_images": 8, "run_name": "judged"})
+    history, _ = _run(config)
+    run_dir = tmp_path / "judged"
+    table = pq.read_table(run_dir / "trajectories" / "epoch_0001.parquet")
+    assert set(table.column("info.answer").to_pylist()) <= {"bright", "dark"}
+    assert history[1]["correct_mean"] == np.mean(table.column("info.correct").to_numpy())
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert set(evals) == {"before", "after"} and "correct_mean" in evals["after"]
+    before = pq.read_table(run_dir / "samples" / "eval_before.parquet")
+    after = pq.read_table(run_dir / "samples" / "eval_after.parquet")
+    assert before.column("seed").to_pylist() == after.column("seed").to_pylist()  # the same noise
+    assert before.column("eval_policy_version")[0].as_py() == 0
+    assert after.column("eval_policy_version")[0].as_py() == 2
+    assert (run_dir / "before_after.png").is_file()
 
 
 def test_asking_for_more_than_the_cluster_has_fails_at_once(ray_session, tmp_path):

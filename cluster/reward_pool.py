@@ -1,0 +1,120 @@
+"""The reward pool: M reward actors fed from one queue of sample batches.
+
+- Batching across samplers: a free actor takes every batch that is waiting (up to
+  `reward.max_batch_images` images, whole batches only) in one call.
+- A call that raises or runs longer than `reward.timeout_s` is retried once on another actor
+  (on the same one when it is the only actor and merely raised); a second failure ends the run
+  with the reward's own error, or a timeout message naming the reward.
+- An actor that dies is restarted by Ray, which reruns its call (`max_task_retries`); the pool
+  only sees the call take longer.
+
+`ray.util.ActorPool` hands one item to one actor at a time and has no timeout or retry on
+another actor, so the pool keeps its own small queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+
+from rewards import RewardError
+
+
+@dataclass
+class Item:
+    summary_ref: ray.ObjectRef
+    num_images: int
+    failed_on: list[int] = field(default_factory=list)  # actors a call with it failed on
+
+
+@dataclass
+class Call:
+    actor: int
+    items: list[Item]
+    started: float
+
+
+class RewardPool:
+    def __init__(self, actors: list, reward_name: str, max_batch_images: int, timeout_s: float):
+        self.actors = actors
+        self.reward_name = reward_name
+        self.max_batch_images = max_batch_images
+        self.timeout_s = timeout_s
+        self.idle = list(range(len(actors)))
+        self.queue: deque[Item] = deque()
+        self.running: dict[ray.ObjectRef, Call] = {}
+        self.abandoned: dict[ray.ObjectRef, int] = {}  # timed-out calls still holding an actor
+
+    def submit(self, summary_ref: ray.ObjectRef, num_images: int) -> None:
+        self.queue.append(Item(summary_ref, num_images))
+
+    @property
+    def num_items(self) -> int:
+        """Batches waiting for or inside a reward call."""
+        return len(self.queue) + sum(len(call.items) for call in self.running.values())
+
+    def _may_run(self, item: Item, actor: int) -> bool:
+        return len(self.actors) == 1 or actor not in item.failed_on
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            actor = next((a for a in self.idle if self._may_run(self.queue[0], a)), None)
+            if actor is None:
+                return  # the first batch waits for an actor it has not failed on
+            items, num_images = [], 0
+            while self.queue and self._may_run(self.queue[0], actor) and (
+                    not items or num_images + self.queue[0].num_images <= self.max_batch_images):
+                item = self.queue.popleft()
+                items.append(item)
+                num_images += item.num_images
+            self.idle.remove(actor)
+            ref = self.actors[actor].score.remote(*[item.summary_ref for item in items])
+            self.running[ref] = Call(actor, items, time.monotonic())
+
+    def _retry(self, call: Call, error: BaseException) -> None:
+        for item in call.items:
+            item.failed_on.append(call.actor)
+            if len(item.failed_on) >= 2:
+                raise error
+        self.queue.extendleft(reversed(call.items))
+
+    def poll(self, timeout: float) -> list[tuple]:
+        """Start calls for waiting batches, wait up to `timeout` s, and return the scored
+        batches `(batch_id, rewards, info)` of the calls that finished."""
+        self._dispatch()
+        refs = [*self.running, *self.abandoned]
+        if not refs:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        scored = []
+        for ref in ready:
+            if ref in self.abandoned:  # its items were retried; the actor is free again
+                self.idle.append(self.abandoned.pop(ref))
+                continue
+            call = self.running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                self.idle.append(call.actor)
+                self._retry(call, err)
+                continue
+            self.idle.append(call.actor)
+            scored.extend(result)
+        now = time.monotonic()
+        for ref, call in list(self.running.items()):
+            if now - call.started > self.timeout_s:
+                del self.running[ref]
+                self.abandoned[ref] = call.actor
+                error = RewardError(f"reward '{self.reward_name}' took longer than reward.timeout_s = "
+                                    f"{self.timeout_s:g} s, twice (on reward-{call.actor} last)")
+                if len(self.actors) == 1:
+                    raise RewardError(f"reward '{self.reward_name}' took longer than reward.timeout_s = "
+                                      f"{self.timeout_s:g} s on reward-0, and there is no other reward "
+                                      "actor to retry on")
+                self._retry(call, error)
+        self._dispatch()
+        return scored
