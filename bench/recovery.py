@@ -36,7 +36,9 @@ from ddpo.config import load_config  # noqa: E402
 
 
 def _actor_pid(name: str) -> tuple[str, int] | None:
-    found = list_actors(filters=[("name", "=", name)], detail=True, raise_on_missing_output=False)
+    """(state, pid) of the live actor of that name (an earlier run's is DEAD)."""
+    found = [a for a in list_actors(filters=[("name", "=", name)], detail=True, raise_on_missing_output=False)
+             if a["state"] != "DEAD"]
     return (found[0]["state"], found[0]["pid"]) if found else None
 
 
