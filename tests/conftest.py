@@ -5,6 +5,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from ddpo.config import load_config  # noqa: E402
 
@@ -41,3 +58,93 @@ def ray_session():
              _node_ip_address="127.0.0.1", _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()
+
+
+# --- tiny reward models, saved to a temp dir once per session and loaded through from_pretrained
+
+WORDS = ("a an the of in on with and is are image contains cat dog bear fish red blue green photo "
+         "painting riding bike playing chess washing dishes what going this answer concisely "
+         "user assistant : ? . ,").split()
+
+
+@pytest.fixture(scope="session")
+def bert_path(tmp_path_factory):
+    """A tiny BERT with a locally built WordPiece vocabulary (lower-cased)."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=64)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llava_path(tmp_path_factory):
+    """A tiny random LLaVA: CLIP vision tower on 32x32 images (16 patches), Llama text model with
+    head_dim 64 (vLLM's CPU attention needs at least 64), a WordLevel tokenizer with `<image>`."""
+    path = tmp_path_factory.mktemp("tiny_llava")
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    words = list(dict.fromkeys(WORDS + [w.capitalize() for w in WORDS] + ["USER", "ASSISTANT"]))
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # words joined by spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", model_max_length=128,
+                                        extra_special_tokens={"image_token": "<image>"})
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+    return str(path)
+
+
+
+AESTHETIC_PROJECTION_DIM = 12
+
+
+def random_aesthetic_head(embed_dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict with the published predictor's keys and shapes, on `embed_dim` inputs."""
+    widths = [embed_dim, 1024, 128, 64, 16, 1]
+    head = {}
+    for index, (n_in, n_out) in zip([0, 2, 4, 6, 7], zip(widths, widths[1:])):
+        head[f"layers.{index}.weight"] = torch.randn(n_out, n_in, generator=generator) / n_in ** 0.5
+        head[f"layers.{index}.bias"] = torch.randn(n_out, generator=generator) * 0.1
+    return head
+
+
+@pytest.fixture(scope="session")
+def tiny_aesthetic(tmp_path_factory):
+    """A tiny CLIP (with its image processor) and a random aesthetic head (safetensors and .pth)."""
+    folder = tmp_path_factory.mktemp("aesthetic")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=AESTHETIC_PROJECTION_DIM,
+    )
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "clip")
+    head = random_aesthetic_head(AESTHETIC_PROJECTION_DIM, torch.Generator().manual_seed(1))
+    save_file(head, folder / "head.safetensors")
+    torch.save(head, folder / "sac+logos+ava1-l14-linearMSE.pth")
+    return folder, clip, head
+
+

