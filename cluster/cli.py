@@ -48,8 +48,8 @@ def _prepare(args):
         config_path = args.config or embedded_config()
     config = load_config(config_path, args.set)
     config.load_prompts()
-    for term in config.reward.terms():
-        check_reward(term.name, term.params)
+    for i, term in enumerate(config.reward.terms()):
+        check_reward(term.name, term.params, f"reward.weighted[{i}]" if config.reward.weighted else "reward")
     # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
     config.output_dir = str(Path(config.output_dir).resolve())

@@ -158,14 +158,14 @@ class Driver:
             self.metrics.queues(sampling=len(waiting), scoring=self.reward_pool.num_items)
         return scored, sampled_at - start, time.perf_counter() - sampled_at
 
-    def evaluate(self, when: str) -> dict[str, float]:
+    def evaluate(self, when: str) -> None:
         """Sample and score the fixed eval batch with the current weights, and record it."""
         spec = eval_plan(self.config, self.prompts)
         _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
             spec.batch_id, spec.prompts, spec.seeds, *self.weights)
         ((_, rewards, info),) = ray.get(self.reward_actors[0].score.remote(summary_ref))
         table = with_rewards(pa.Table.from_batches([ray.get(summary_ref)]), rewards, info)
-        return self.recorder.record_eval(when, self.policy_version, table)
+        self.recorder.record_eval(when, self.policy_version, table)
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -176,14 +176,14 @@ class RunRecorder:
         self.tensorboard.flush()
         return metrics
 
-    def record_eval(self, when: str, policy_version: int, table: pa.Table) -> dict[str, float]:
+    def record_eval(self, when: str, policy_version: int, table: pa.Table) -> None:
         """The fixed eval batch (`ddpo.plan.eval_plan`) `before` training or `after` it:
         `samples/eval_<when>.parquet`, and once both exist `before_after.png` and `eval.json`."""
         write_parquet(table.append_column("eval_policy_version", pa.array([policy_version] * table.num_rows)),
                       self.run_dir / "samples" / f"eval_{when}.parquet")
         paths = {w: self.run_dir / "samples" / f"eval_{w}.parquet" for w in ("before", "after")}
         if when != "after" or not paths["before"].exists():
-            return reward_summary(table)
+            return
         tables = {w: read_parquet(path) for w, path in paths.items()}
         summaries = {w: reward_summary(t) for w, t in tables.items()}
         grids = [sample_grid(t, title=f"{w}: policy version {t.column('eval_policy_version')[0].as_py()}, "
@@ -194,4 +194,3 @@ class RunRecorder:
         both.paste(grids[1], (grids[0].width + 16, 0))
         both.save(self.run_dir / "before_after.png")
         (self.run_dir / "eval.json").write_text(json.dumps(summaries, indent=1) + "\n")
-        return summaries["after"]

@@ -267,6 +267,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown config key{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required")
     return cls(**kwargs)
 
 

@@ -1,4 +1,5 @@
-"""Loading the diffusion pipeline: a diffusers folder or hub id, or a tiny one built in code."""
+"""Loading the diffusion pipeline: a diffusers folder or hub id, a tiny one built in code, or an
+embedded one shipped in `ddpo/assets/`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 BUILTIN_TINY = "builtin:tiny"
+# embedded diffusers folders, loaded through the same from_pretrained path as any other folder
+BUILTIN_FOLDERS = {
+    # a tiny text-to-image model of scikit-learn's digits (scripts/train_digits.py)
+    "builtin:digits": Path(__file__).resolve().parent / "assets" / "digits",
+}
 
 # Words the tiny tokenizer knows; anything else maps to [UNK]. Enough for the default prompts
 # and tests; the tiny model is random, so its vocabulary only needs to tell prompts apart.
@@ -37,11 +43,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A CLIP-shaped tokenizer over a fixed word list (one token per whitespace-separated word,
+    anything else [UNK]), usable as a StableDiffusionPipeline's tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<|startoftext|>", "<|endoftext|>", "[UNK]"]
-    vocab = {token: i for i, token in enumerate(specials + _TINY_VOCAB)}
+    vocab = {token: i for i, token in enumerate(specials + list(words))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
@@ -59,7 +67,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     UNet with block_out_channels (32, 64), a 2x VAE, a 2-layer CLIP text encoder, and the
     SD scheduler settings. 32x32 images are 16x16 latents."""
     torch.manual_seed(seed)
-    tokenizer = _tiny_tokenizer()
+    tokenizer = word_level_tokenizer(_TINY_VOCAB)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -81,13 +89,17 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
-    scheduler = DDIMScheduler(
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion's noise schedule (scaled-linear betas 0.00085..0.012)."""
+    return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
@@ -99,9 +111,15 @@ def _one_line(err: Exception) -> str:
 def check_pretrained(pretrained: str, revision: str | None = None) -> str:
     """Fail fast, in one line, when `model.pretrained` names nothing loadable: a local folder
     must hold a diffusers `model_index.json`; a hub id must resolve (or be in the local cache).
-    Returns the source to hand to `from_pretrained`."""
+    Returns the source to hand to `load_pipeline` (builtin names stay as they are)."""
     if pretrained == BUILTIN_TINY:
         return pretrained
+    if pretrained in BUILTIN_FOLDERS:
+        check_pretrained(str(BUILTIN_FOLDERS[pretrained]))
+        return pretrained
+    if pretrained.startswith("builtin:"):
+        raise ModelLoadError(f"model.pretrained: unknown '{pretrained}'; the builtin models are "
+                             f"{[BUILTIN_TINY, *BUILTIN_FOLDERS]}")
     local = Path(pretrained).expanduser()
     if local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
         if not (local / "model_index.json").is_file():
@@ -138,6 +156,7 @@ def load_pipeline(
             pipe.to(dtype=torch_dtype)
     else:
         source = check_pretrained(pretrained, revision)
+        source = str(BUILTIN_FOLDERS.get(source, source))
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()
         try:

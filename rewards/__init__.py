@@ -42,33 +42,34 @@ class RewardProcessDead(RuntimeError):
     exits so that Ray restarts it and reruns the call, instead of retrying a dead engine."""
 
 
-def resolve_reward(name: str) -> Any:
-    """The function or class behind a registered name or a `module:attr` path."""
+def resolve_reward(name: str, field: str = "reward") -> Any:
+    """The function or class behind a registered name or a `module:attr` path; errors name the
+    config `field` it came from (`reward`, or `reward.weighted[i]`)."""
     path = REGISTRY.get(name, name)
     if ":" not in path:
         raise RewardError(
-            f"reward.name: unknown reward '{name}'; choose one of {sorted(REGISTRY)} "
+            f"{field}.name: unknown reward '{name}'; choose one of {sorted(REGISTRY)} "
             "or give a 'module:function' path"
         )
     module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise RewardError(f"reward.name: cannot import module '{module_name}' ({err})") from None
+        raise RewardError(f"{field}.name: cannot import module '{module_name}' ({err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward.name: module '{module_name}' has no function '{attr}'")
+        raise RewardError(f"{field}.name: module '{module_name}' has no function '{attr}'")
     return fn
 
 
-def check_reward(name: str, params: dict[str, Any] | None = None) -> Any:
+def check_reward(name: str, params: dict[str, Any] | None = None, field: str = "reward") -> Any:
     """The reward behind `name`, checked to take `params`, without building it (no model loads)."""
-    fn = resolve_reward(name)
+    fn = resolve_reward(name, field)
     call_args = () if inspect.isclass(fn) else (None, None, None)  # (images, prompts, metadata)
     try:
         inspect.signature(fn).bind_partial(*call_args, **(params or {}))
     except TypeError as err:
-        raise RewardError(f"reward.params: '{name}' does not take these params ({err})") from None
+        raise RewardError(f"{field}.params: '{name}' does not take these params ({err})") from None
     return fn
 
 

@@ -19,6 +19,10 @@ from cluster.cli import main
     (["--set", "model.pretrained=no-such-org/no-such-model"],
      "ddpo: error: model.pretrained: 'no-such-org/no-such-model' is neither a local diffusers folder"),
     (["--config", "missing.yaml"], "ddpo: error: --config: no such file 'missing.yaml'"),
+    (["--set", "reward.params={qualty: 50}"],
+     "ddpo: error: reward.params: 'jpeg_compressibility' does not take these params"),
+    (["--set", "reward.weighted=[{name: aesthetic}, {name: nope}]"],
+     "ddpo: error: reward.weighted[1].name: unknown reward 'nope'; choose one of"),
 ])
 def test_user_errors_are_one_line(args, message, capsys, tmp_path):
     assert main(["train", "--set", f"output_dir={tmp_path}", *args]) == 2

@@ -38,6 +38,11 @@ def test_yaml_file_then_set(tmp_path):
     (["prompts.prompts=[]"], "prompts.prompts: the prompt list is empty"),
     (["advantage.min_count=100"], "advantage.min_count: must be between 1 and advantage.buffer_size"),
     (["sample"], "--set sample: expected key=value"),
+    (["reward.weighted=[{weight: 2}]"], "reward.weighted[0].name: required"),
+    (["reward.weighted=[{name: aesthetic, wieght: 2}]"], "reward.weighted[0].wieght: unknown config key"),
+    (["reward.timeout_s=0"], "reward.timeout_s: must be > 0"),
+    (["reward.max_batch_images=0"], "reward.max_batch_images: must be >= 1"),
+    (["eval_images=-1"], "eval_images: must be >= 0"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:
