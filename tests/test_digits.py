@@ -1,0 +1,71 @@
+"""The embedded digits model (`builtin:digits`) and its judge (`digit_judge`)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo.diffusion import sample_trajectories
+from ddpo.pipeline import BUILTIN_FOLDERS, ModelLoadError, check_pretrained, load_pipeline
+from rewards import RewardError, compute_reward, load_reward
+from rewards.digits import JUDGE_DIR, DigitJudge, digits_split, prompted_digit, render_digits
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return DigitJudge()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    """The judge's held-out digits (never trained on by the judge or the model)."""
+    config = json.loads((JUDGE_DIR / "config.json").read_text())
+    _, _, test_x, test_y = digits_split(config["seed"], config["test_fraction"])
+    return test_x, test_y, config
+
+
+def test_the_embedded_model_loads_through_from_pretrained_and_samples_offline():
+    assert check_pretrained("builtin:digits") == "builtin:digits"
+    pipe = load_pipeline("builtin:digits")
+    assert pipe.name_or_path == str(BUILTIN_FOLDERS["builtin:digits"])  # from_pretrained's folder
+    assert pipe.unet.dtype == torch.float32
+    images = sample_trajectories(pipe, ["a handwritten digit three", ""], [0, 1], num_steps=4,
+                                 guidance_scale=3.0, eta=1.0, height=16, width=16).images
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert images.std() > 20  # ink on paper, not a flat or noise image
+    with pytest.raises(ModelLoadError, match=r"^model.pretrained: unknown 'builtin:digit'; the builtin models are"):
+        check_pretrained("builtin:digit")
+
+
+def test_the_judge_is_above_95_percent_on_its_held_out_split(judge, heldout):
+    test_x, test_y, config = heldout
+    probs = judge.probabilities(render_digits(test_x, config["image_size"]))
+    accuracy = float((probs.argmax(dim=-1).numpy() == test_y).mean())
+    assert accuracy > 0.95
+    assert accuracy == pytest.approx(config["heldout_accuracy"], abs=0.01)
+
+
+def test_the_judge_rewards_the_prompted_digit(heldout):
+    test_x, test_y, _ = heldout
+    seven = test_x[np.flatnonzero(test_y == 7)[0]]
+    judge = load_reward("digit_judge")
+    for size in (16, 40):  # any image size
+        images = render_digits(np.stack([seven, seven]), size)
+        rewards, info = compute_reward("digit_judge", judge, images,
+                                       ["the number 7 written by hand", "a handwritten digit two"], [{}, {}])
+        assert rewards[0] > 0.9 and rewards[1] < 0.05
+        assert info == {"answer": ["7", "7"], "correct": [1.0, 0.0]}
+    with pytest.raises(RewardError) as error:
+        compute_reward("digit_judge", judge, images[:1], ["a cat"], [{}])
+    assert str(error.value) == "reward 'digit_judge': the prompt 'a cat' names no digit (zero..nine or 0..9)"
+
+
+def test_prompts_name_their_digit_in_words_or_numerals():
+    assert prompted_digit("a handwritten digit Seven") == 7
+    assert prompted_digit("the number 0 written by hand") == 0
+    assert prompted_digit("one") == 1
+    with pytest.raises(RewardError, match="names several digits"):
+        prompted_digit("a 3 or a four")
+    with pytest.raises(RewardError, match="names no digit"):
+        prompted_digit("someone wrote 42")
