@@ -151,7 +151,7 @@ class Driver:
                     self.reward_pool.submit(ref, waiting.pop(ref))
                 if not waiting:
                     sampled_at = time.perf_counter()
-            for batch_id, rewards, info in self.reward_pool.poll(timeout=0.02):
+            for batch_id, rewards, info in self.reward_pool.poll(wake_on=list(waiting)):
                 if batch_id not in scored:  # a batch id counts once
                     scored[batch_id] = (rewards, info)
                     progress.update(len(rewards))

@@ -81,15 +81,18 @@ class RewardPool:
                 raise error
         self.queue.extendleft(reversed(call.items))
 
-    def poll(self, timeout: float) -> list[tuple]:
-        """Start calls for waiting batches, wait up to `timeout` s, and return the scored
-        batches `(batch_id, rewards, info)` of the calls that finished."""
+    def poll(self, wake_on: list[ray.ObjectRef] = ()) -> list[tuple]:
+        """Start calls for waiting batches, then block until a call finishes, one of `wake_on`
+        (say, a sample batch being made) is ready, or the nearest call deadline passes; return
+        the scored batches `(batch_id, rewards, info)` of the calls that finished."""
         self._dispatch()
         refs = [*self.running, *self.abandoned]
-        if not refs:
-            time.sleep(timeout)
+        if not refs and not wake_on:
             return []
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        deadline = min((call.started + self.timeout_s for call in self.running.values()), default=None)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait([*refs, *wake_on], num_returns=1, timeout=timeout)
+        ready = [ref for ref in ready if ref in self.running or ref in self.abandoned]
         scored = []
         for ref in ready:
             if ref in self.abandoned:  # its items were retried; the actor is free again

@@ -36,7 +36,7 @@ def _run(pool, batches, deadline_s=20.0):
     scored, start = {}, time.monotonic()
     while len(scored) < len(batches):
         assert time.monotonic() - start < deadline_s
-        for batch_id, rewards, _ in pool.poll(timeout=0.02):
+        for batch_id, rewards, _ in pool.poll():
             scored[batch_id] = rewards
     return scored, time.monotonic() - start
 
