@@ -20,7 +20,7 @@ from cluster import QUIET_ENV
 for _name, _value in QUIET_ENV.items():  # before the libraries are imported
     os.environ.setdefault(_name, _value)
 
-DEFAULT_CONFIG = "tiny.yaml"
+DEFAULT_CONFIG = "digits.yaml"
 
 
 class UsageError(Exception):

@@ -78,8 +78,12 @@ class TrainConfig:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_inner_epochs: int = 1
-    # fraction of each trajectory's timesteps trained on (a fresh random subset per sample)
+    # fraction of each trajectory's timesteps trained on: a fresh random subset per sample
+    # (`random`, as the public implementation), or its first, noisiest steps (`earliest`), where
+    # the image's content is decided; the last, nearly noiseless steps add large score-function
+    # noise and little signal (bench/gradient_snr.py measures it per step)
     timestep_fraction: float = 1.0
+    timestep_selection: Literal["random", "earliest"] = "random"
     shuffle_samples: bool = True
     shuffle_timesteps: bool = True
     # classifier-free guidance in the training forward pass, as in sampling

@@ -20,12 +20,16 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
-from ddpo.config import Config
+from ddpo.config import Config, TrainConfig
 from ddpo.diffusion import encode_prompts, predict_noise, step_log_prob
 from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, save_lora
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
 from ddpo.pipeline import load_policy
 from ddpo.trajectory import TrainingBatch, to_training_batch
+
+
+def _num_train_steps(train: TrainConfig, num_steps: int) -> int:
+    return max(1, int(num_steps * train.timestep_fraction))
 
 
 class Learner:
@@ -115,12 +119,17 @@ class Learner:
         ).cpu()
 
     def _schedule(self, num_samples: int, num_steps: int):
-        """Per inner epoch: a sample order and, per sample, the order of its steps."""
+        """Per inner epoch: a sample order and, per sample, the order of its steps. Training
+        takes each sample's first `num_train_steps` of that order: any of them (`random`), or
+        only the earliest steps, in shuffled order (`earliest`)."""
         t = self.config.train
         order = (torch.randperm(num_samples, generator=self.generator) if t.shuffle_samples
                  else torch.arange(num_samples))
+        # the steps a sample may train on come first, then the others
+        pool = num_steps if t.timestep_selection == "random" else _num_train_steps(t, num_steps)
         if t.shuffle_timesteps:
-            steps = torch.stack([torch.randperm(num_steps, generator=self.generator)
+            steps = torch.stack([torch.cat([torch.randperm(pool, generator=self.generator),
+                                            torch.arange(pool, num_steps)])
                                  for _ in range(num_samples)])
         else:
             steps = torch.arange(num_steps).expand(num_samples, num_steps)
@@ -150,7 +159,7 @@ class Learner:
     def _train_policy_gradient(self, batch: TrainingBatch, advantages: torch.Tensor) -> dict[str, float]:
         t, s = self.config.train, self.config.sample
         num_samples, num_steps = batch.log_probs.shape
-        num_train_steps = max(1, int(num_steps * t.timestep_fraction))
+        num_train_steps = _num_train_steps(t, num_steps)
         prompt_embeds, negative = self._embeddings(batch.prompts, with_negative=t.cfg and s.guidance_scale > 1)
 
         # the proximal policy: the learner's weights at the start of this update. For batches
@@ -194,7 +203,7 @@ class Learner:
         device = self.pipe.unet.device
         scheduler = self.pipe.scheduler
         num_samples, num_steps = batch.log_probs.shape
-        num_train_steps = max(1, int(num_steps * t.timestep_fraction))
+        num_train_steps = _num_train_steps(t, num_steps)
         weights = rwr_weights(advantages, beta=t.rwr_beta, top_fraction=t.rwr_top_fraction if t.rwr_sparse else None)
         prompt_embeds, _ = self._embeddings(batch.prompts, with_negative=False)
         x0 = batch.latents[:, -1].float()

@@ -1,16 +1,18 @@
 """Train the embedded digits model (`builtin:digits`) and its judge (`digit_judge`) from
-scikit-learn's bundled 8x8 handwritten digits. Seeded and deterministic on CPU; 254 s on 2 cores
-(measured while the CPU was shared with other work).
+scikit-learn's bundled 8x8 handwritten digits. Seeded and deterministic on CPU; 357 s on
+2 cores (while a training run shared them).
 
     python scripts/train_digits.py [--settings ddpo/assets/train_digits.yaml] [--out ddpo/assets]
 
 1. the judge: a small CNN on the 8x8 ink, held-out accuracy reported (`digits-judge/`);
 2. a tiny AutoencoderKL on the upsampled RGB images;
-3. a tiny UNet2DConditionModel on the VAE's latents, conditioned through a tiny CLIP text encoder
-   (frozen at its random initialisation) on prompts such as "a handwritten digit seven" (and ""
-   for classifier-free guidance). It is trained only briefly, so that its prompt adherence is
-   weak: DDPO has something to sharpen;
-4. the pipeline (DDIM scheduler, word-level tokenizer) saved with `save_pretrained` (`digits/`),
+3. a tiny CLIP text encoder, taught to tell the digits apart and then frozen (as Stable
+   Diffusion's CLIP comes pretrained and stays frozen);
+4. a tiny UNet2DConditionModel on the VAE's latents, with prompts such as "a handwritten digit
+   seven" (and some "", for classifier-free guidance) that are as noisy as web captions: half
+   the images get the prompt of a random digit. It draws every digit but follows the prompt
+   only weakly (the judge agrees on about 27% of its samples): DDPO has something to sharpen;
+5. the pipeline (DDIM scheduler, word-level tokenizer) saved with `save_pretrained` (`digits/`),
    reloaded, and judged with the sampling settings of `configs/digits.yaml`.
 """
 
@@ -173,11 +175,16 @@ def train_denoiser(s: dict, vae: AutoencoderKL, images: np.ndarray, labels: np.n
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=u["learning_rate"])
     num_train_timesteps = scheduler.config.num_train_timesteps
+    # captions as noisy as web data: with probability prompt_noise an image gets the prompt of a
+    # random digit. The model learns p(x | c) = (1 - p) p(x | digit c) + p p(x): it draws every
+    # digit well but follows the prompt only weakly, as evenly for each digit
     for _ in tqdm(range(u["steps"]), desc="unet (steps)"):
         idx = torch.randint(0, len(mean), (u["batch_size"],))
         latents = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * vae.config.scaling_factor
+        digits = torch.where(torch.rand(idx.shape) < u["prompt_noise"],
+                             torch.randint(0, 10, idx.shape), labels[idx])
         # prompt index: a random phrasing of the digit, or "" with probability empty_prompt_fraction
-        which = labels[idx] * len(templates) + torch.randint(0, len(templates), idx.shape)
+        which = digits * len(templates) + torch.randint(0, len(templates), idx.shape)
         which[torch.rand(idx.shape) < u["empty_prompt_fraction"]] = empty
         # the denoising loss ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t, c)||^2
         noise = torch.randn_like(latents)

@@ -19,7 +19,7 @@ from cluster.cli import main
     (["--set", "model.pretrained=no-such-org/no-such-model"],
      "ddpo: error: model.pretrained: 'no-such-org/no-such-model' is neither a local diffusers folder"),
     (["--config", "missing.yaml"], "ddpo: error: --config: no such file 'missing.yaml'"),
-    (["--set", "reward.params={qualty: 50}"],
+    (["--set", "reward.name=jpeg_compressibility", "--set", "reward.params={qualty: 50}"],
      "ddpo: error: reward.params: 'jpeg_compressibility' does not take these params"),
     (["--set", "reward.weighted=[{name: aesthetic}, {name: nope}]"],
      "ddpo: error: reward.weighted[1].name: unknown reward 'nope'; choose one of"),
@@ -43,10 +43,12 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "--set KEY=VALUE" in out.stdout
 
 
-def test_the_main_job_runs_the_embedded_default_and_its_reward_rises(tmp_path):
-    """`ddpo train` with no config: the README's main command, on Ray, as a user runs it."""
+def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(tmp_path):
+    """`ddpo train` with no config (the README's main command, on Ray, as a user runs it), cut to
+    15 of its 60 epochs: DDPO-IS raises the digit judge's accuracy on the embedded digits model."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", "--set", f"output_dir={tmp_path}", "--set", "run_name=default"],
+        [sys.executable, "-m", "cluster.cli", "train", "--set", f"output_dir={tmp_path}", "--set", "run_name=default",
+         "--set", "num_epochs=15"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -55,14 +57,17 @@ def test_the_main_job_runs_the_embedded_default_and_its_reward_rises(tmp_path):
     assert "Ray dashboard: http://127.0.0.1:" in out.stdout
     assert "epochs: 100%" in out.stderr  # the progress bar
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 24
-    for field in ["epoch", "policy_version", "reward_mean", "reward_std", "approx_kl", "clipfrac", "loss",
-                  "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",
+    assert len(metrics) == 15
+    for field in ["epoch", "policy_version", "reward_mean", "reward_std", "correct_mean", "approx_kl", "clipfrac",
+                  "loss", "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",
                   "time_train_s", "time_broadcast_s"]:
         assert field in metrics[-1]
-    rewards = [m["reward_mean"] for m in metrics]
-    # about 0.0125 kB per image per epoch is the noise of an epoch's mean; the run gains ~0.01
-    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.005, rewards
-    assert len(list((run_dir / "samples").glob("*.png"))) == 24
-    assert len(list((run_dir / "trajectories").glob("*.parquet"))) == 24
-    assert (run_dir / "checkpoints" / "epoch_0023" / "pytorch_lora_weights.safetensors").is_file()
+    accuracy = [m["correct_mean"] for m in metrics]
+    # 128 samples an epoch: an epoch's accuracy is within about +-0.04 of its mean (1 sigma);
+    # this run goes from about 0.3 to 0.55 (lag 0 is deterministic: the same numbers each time)
+    assert sum(accuracy[-3:]) / 3 > sum(accuracy[:3]) / 3 + 0.15, accuracy
+    assert len(list((run_dir / "samples").glob("epoch_*.png"))) == 15
+    assert len(list((run_dir / "trajectories").glob("*.parquet"))) == 15
+    assert (run_dir / "checkpoints" / "epoch_0014" / "pytorch_lora_weights.safetensors").is_file()
+    for picture in ["before_after.png", "curves.png"]:
+        assert (run_dir / picture).stat().st_size > 1000

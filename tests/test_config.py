@@ -17,8 +17,8 @@ def test_defaults_and_overrides():
 
 def test_embedded_default_config_loads():
     config = load_config(embedded_config())
-    assert config.model.pretrained == "builtin:tiny"
-    assert config.reward.name == "jpeg_compressibility"
+    assert config.model.pretrained == "builtin:digits"
+    assert config.reward.name == "digit_judge"
 
 
 def test_yaml_file_then_set(tmp_path):

@@ -62,3 +62,25 @@ def test_algorithms_run(tmp_path):
         metrics = learner.train(*_epoch(config, sampler, 0))
         assert np.isfinite(metrics["loss"]) and metrics["num_samples"] == 8
         assert np.isfinite(metrics["grad_norm"])
+
+
+def test_earliest_timestep_selection_trains_only_the_noisiest_steps(tmp_path):
+    trained = {}
+    for selection in ("random", "earliest"):
+        config = tiny_config(tmp_path, **{"train.timestep_fraction": 0.5, "train.timestep_selection": selection})
+        learner, sampler = Learner(config), Sampler(config)
+        sampler.set_weights(learner.weights())
+        steps, log_prob = [], learner._log_prob
+
+        def recording_log_prob(batch, idx, step, *args):
+            steps.append(step.clone())
+            return log_prob(batch, idx, step, *args)
+
+        learner._log_prob = recording_log_prob
+        learner.train(*_epoch(config, sampler, 0))
+        trained[selection] = torch.cat(steps)
+    num_steps, num_train = config.sample.num_steps, config.sample.num_steps // 2
+    assert len(trained["earliest"]) == len(trained["random"]) == 8 * num_train
+    # the first half of the denoising steps (the noisiest), each sample's in shuffled order
+    assert set(trained["earliest"].tolist()) == set(range(num_train))
+    assert trained["random"].max() >= num_train and trained["random"].max() < num_steps
