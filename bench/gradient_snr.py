@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.reward import RewardWorker  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
-from ddpo.advantages import batch_advantages  # noqa: E402
+from ddpo.advantages import PerPromptStatTracker  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 from ddpo.diffusion import encode_prompts, step_log_prob  # noqa: E402
 from ddpo.lora import lora_parameters  # noqa: E402
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ((_, rewards, info),) = reward.score(summary)
     batch = to_training_batch(pa.Table.from_batches([full]))
     # advantages normalised per prompt over the whole epoch (the stat tracker's steady state)
-    advantages = np.empty(n)
-    prompt_of = np.asarray(spec.prompts, dtype=object)
-    for prompt in prompts:
-        mask = prompt_of == prompt
-        advantages[mask] = batch_advantages(rewards[mask])
+    advantages = PerPromptStatTracker(buffer_size=n, min_count=1).update(spec.prompts, rewards)
     advantages = torch.as_tensor(advantages, dtype=torch.float32)
     print(f"{n} samples in {time.perf_counter() - start:.1f} s; reward mean {rewards.mean():.3f}"
           + "".join(f", {k} mean {np.mean(v):.3f}" for k, v in info.items()
