@@ -1,6 +1,6 @@
 """Train the embedded digits model (`builtin:digits`) and its judge (`digit_judge`) from
-scikit-learn's bundled 8x8 handwritten digits. Seeded and deterministic on CPU; 357 s on
-2 cores (while a training run shared them).
+scikit-learn's bundled 8x8 handwritten digits. Seeded and deterministic on CPU; 220 s on
+2 cores.
 
     python scripts/train_digits.py [--settings ddpo/assets/train_digits.yaml] [--out ddpo/assets]
 
@@ -9,9 +9,9 @@ scikit-learn's bundled 8x8 handwritten digits. Seeded and deterministic on CPU; 
 3. a tiny CLIP text encoder, taught to tell the digits apart and then frozen (as Stable
    Diffusion's CLIP comes pretrained and stays frozen);
 4. a tiny UNet2DConditionModel on the VAE's latents, with prompts such as "a handwritten digit
-   seven" (and some "", for classifier-free guidance) that are as noisy as web captions: half
-   the images get the prompt of a random digit. It draws every digit but follows the prompt
-   only weakly (the judge agrees on about 27% of its samples): DDPO has something to sharpen;
+   seven" (and some "", for classifier-free guidance) that are as noisy as web captions: 40%
+   of the images get the prompt of a random digit. It draws every digit but follows the prompt
+   only weakly (the judge agrees on about 32% of its samples): DDPO has something to sharpen;
 5. the pipeline (DDIM scheduler, word-level tokenizer) saved with `save_pretrained` (`digits/`),
    reloaded, and judged with the sampling settings of `configs/digits.yaml`.
 """
