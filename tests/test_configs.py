@@ -72,3 +72,22 @@ def test_prompt_sets():
                 for animal in animals for activity in ACTIVITIES]
     assert _lines(CONFIGS / "prompts" / "animal_activities.txt") == expected
     assert "an ant playing chess" in expected and "a cat riding a bike" in expected
+
+
+def test_the_method_comparison_changes_only_what_defines_each_method():
+    """bench/compare_methods.py: every method loads from the default config; DDPO-SF takes one
+    optimizer step per epoch of samples; nothing else differs from the shared config."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_methods", CONFIGS.parent / "bench" / "compare_methods.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shared = load_config(bench.CONFIG)
+    variants = {name: load_config(bench.CONFIG, overrides) for name, overrides in bench.methods(shared).items()}
+    assert list(variants) == ["DDPO-IS", "DDPO-SF", "RWR", "DDPO-IS, lag 1"]
+    sf = variants["DDPO-SF"].train
+    assert sf.batch_size * sf.gradient_accumulation_steps * sf.num_inner_epochs == shared.samples_per_epoch
+    assert variants["DDPO-IS, lag 1"].cluster.max_policy_lag == 1
+    for name, config in variants.items():
+        assert config.samples_per_epoch == shared.samples_per_epoch and config.num_epochs == shared.num_epochs
+        assert config.train.learning_rate == shared.train.learning_rate, name
