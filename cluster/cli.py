@@ -2,16 +2,20 @@
 
     ddpo train [--config FILE] [--set key=value ...] [--address auto|ray://...] [--resume RUN_DIR]
 
-With no --config, `ddpo train` runs the embedded default (configs/tiny.yaml: a tiny random
-model on CPU). Every problem the user can fix is one line on stderr and exit status 2.
+With no --config, `ddpo train` runs the embedded default (configs/digits.yaml: the embedded
+digits model and its judge, on CPU). Every problem the user can fix is one line on stderr and
+exit status 2. Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -58,6 +62,27 @@ def _prepare(args):
     return config
 
 
+@contextlib.contextmanager
+def _stop_after_epoch_on_ctrl_c(driver):
+    """The first Ctrl-C lets the epoch under way finish (its metrics and all), the second one
+    interrupts at once. A KeyboardInterrupt raised at an arbitrary point can land in a finalizer,
+    where Python ignores it: the handler only sets a flag, which the driver checks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first_ctrl_c(signum, frame):
+        driver.stop_requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this epoch (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, first_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(args) -> int:
     import ray
 
@@ -87,13 +112,16 @@ def train(args) -> int:
             start_epoch = driver.resume(checkpoint)
             truncate_metrics(run_dir, start_epoch)
             print(f"resuming from {checkpoint} at epoch {start_epoch}")
-        history = driver.fit(start_epoch)
+        with _stop_after_epoch_on_ctrl_c(driver):
+            history = driver.fit(start_epoch)
+        if driver.stop_requested.is_set():
+            raise KeyboardInterrupt
     except ray.exceptions.RayActorError as err:
         if driver is None:
             raise
         raise ActorLost(driver.lost_actor_message(err)) from None
     except KeyboardInterrupt:
-        # waits for an update in progress, then saves the learner as it stands
+        # after a second Ctrl-C: waits for an update in progress, then saves the learner as it stands
         saved = driver.save_checkpoint() if driver is not None else None
         if saved is not None:
             print(f"\ninterrupted: checkpoint {saved}; go on with: ddpo train --resume {run_dir}")

@@ -11,6 +11,7 @@ k = 0 is the paper's synchronous algorithm.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class Driver:
         self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
         self.metrics = DriverMetrics()
         self.recorder = RunRecorder(run_dir)
+        # set on Ctrl-C (by `ddpo train`): fit() returns after the epoch under way
+        self.stop_requested = threading.Event()
         self.learner, self.samplers, self.reward_actors = None, [], []
         try:
             self.reward_actors = [
@@ -233,6 +236,8 @@ class Driver:
             self.metrics.epoch(metrics)
             epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
             history.append(metrics)
+            if self.stop_requested.is_set():
+                return history
         if config.eval_images:
             self.evaluate("after")
         return history
