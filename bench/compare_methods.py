@@ -85,8 +85,9 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     def first_90(runs) -> str:
         return " / ".join("-" if r["first_epoch_90"] is None else str(r["first_epoch_90"]) for r in runs)
 
-    lines = ["| method | eval reward | eval accuracy | train accuracy, last 5 epochs "
-             "| first epoch at 90% (per seed) | wall s |", "| --- | --- | --- | --- | --- | --- |"]
+    header = ("| method | eval reward | eval accuracy | train accuracy, last 5 epochs "
+              "| first epoch at 90% (per seed) | wall s |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     for name, runs in results.items():
         lines.append(f"| {name} | {cell([r['after']['reward_mean'] for r in runs])} "
                      f"| {cell([r['after']['correct_mean'] for r in runs])} "

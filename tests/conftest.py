@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -24,6 +26,15 @@ from transformers import (  # noqa: E402
 )
 
 from ddpo.config import load_config  # noqa: E402
+
+
+def load_script(relative_path: str):
+    """A script of the repository (scripts/, bench/) imported as a module, to test its parts."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(tmp_path=None, **overrides):

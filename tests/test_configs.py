@@ -7,6 +7,7 @@ import pytest
 
 from ddpo.config import load_config
 from rewards import check_reward
+from tests.conftest import load_script
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
@@ -77,11 +78,7 @@ def test_prompt_sets():
 def test_the_method_comparison_changes_only_what_defines_each_method():
     """bench/compare_methods.py: every method loads from the default config; DDPO-SF takes one
     optimizer step per epoch of samples; nothing else differs from the shared config."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_methods", CONFIGS.parent / "bench" / "compare_methods.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/compare_methods.py")
     shared = load_config(bench.CONFIG)
     variants = {name: load_config(bench.CONFIG, overrides) for name, overrides in bench.methods(shared).items()}
     assert list(variants) == ["DDPO-IS", "DDPO-SF", "RWR", "DDPO-IS, lag 1"]

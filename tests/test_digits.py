@@ -1,6 +1,5 @@
 """The embedded digits model (`builtin:digits`) and its judge (`digit_judge`)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from ddpo.diffusion import sample_trajectories
 from ddpo.pipeline import BUILTIN_FOLDERS, ModelLoadError, check_pretrained, load_pipeline
 from rewards import RewardError, compute_reward, load_reward
 from rewards.digits import JUDGE_DIR, DigitJudge, digits_split, prompted_digit, render_digits
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +45,7 @@ def test_the_embedded_model_loads_through_from_pretrained_and_samples_offline():
 def test_the_embedded_model_follows_its_prompt_only_weakly():
     """The issue's contract for the base model: the judge agrees with the prompt on roughly
     30-60% of its samples (32.5% when trained), measured as scripts/train_digits.py does."""
-    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "scripts" / "train_digits.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    result = script.judged_accuracy(BUILTIN_FOLDERS["builtin:digits"], JUDGE_DIR,
+    result = load_script("scripts/train_digits.py").judged_accuracy(BUILTIN_FOLDERS["builtin:digits"], JUDGE_DIR,
                                     ROOT / "configs" / "digits.yaml", samples_per_prompt=20)
     assert 0.25 < result["accuracy"] < 0.6, result
     assert min(result["per_prompt"].values()) >= 0.1, result  # no prompted digit below chance
