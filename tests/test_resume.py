@@ -11,7 +11,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-SMALL = ["--set", "num_epochs=8", "--set", "sample.num_steps=4", "--set", "sample.batch_size=4",
+EPOCHS = 8
+SMALL = ["--set", f"num_epochs={EPOCHS}", "--set", "sample.num_steps=4", "--set", "sample.batch_size=4",
          "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=4"]
 DDPO = [sys.executable, "-m", "cluster.cli", "train"]
 
@@ -22,7 +23,7 @@ def _metrics(run_dir):
 
 
 def _lora(run_dir):
-    return load_file(str(run_dir / "checkpoints" / "epoch_0007" / "pytorch_lora_weights.safetensors"))
+    return load_file(str(run_dir / "checkpoints" / f"epoch_{EPOCHS - 1:04d}" / "pytorch_lora_weights.safetensors"))
 
 
 def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
@@ -39,7 +40,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert "Ctrl-C: stopping after this epoch (Ctrl-C again to stop now)" in err
     assert f"go on with: ddpo train --resume {interrupted}" in out
     checkpoints = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
-    assert checkpoints and checkpoints[-1] < "epoch_0007"  # it stopped before the end
+    assert checkpoints and checkpoints[-1] < f"epoch_{EPOCHS - 1:04d}"  # it stopped before the end
 
     resumed = subprocess.run([*DDPO, "--resume", str(interrupted)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -54,7 +55,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     expected = {m["epoch"]: m for m in _metrics(tmp_path / "full")}
     got = _metrics(interrupted)
     # Ctrl-C let the epoch under way finish: every epoch is there once
-    assert [m["epoch"] for m in got] == list(range(8))
+    assert [m["epoch"] for m in got] == list(range(EPOCHS))
     for m in got:
         for key in ["reward_mean", "loss", "approx_kl", "clipfrac", "policy_version"]:
             assert m[key] == expected[m["epoch"]][key], (m["epoch"], key)
@@ -96,7 +97,7 @@ def test_a_killed_driver_leaves_a_checkpoint_no_older_than_the_interval(tmp_path
 
     resumed = subprocess.run([*DDPO, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert sorted({m["epoch"] for m in _metrics(run_dir)}) == [0, 1, 2, 3, 4]
+    assert sorted({m["epoch"] for m in _metrics(run_dir)}) == list(range(EPOCHS))
 
 
 def _session_id(process):
