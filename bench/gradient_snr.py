@@ -28,7 +28,7 @@ from actors.reward import RewardWorker  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
 from ddpo.advantages import PerPromptStatTracker  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
-from ddpo.diffusion import encode_prompts, step_log_prob  # noqa: E402
+from ddpo.diffusion import encode_prompts  # noqa: E402
 from ddpo.lora import lora_parameters  # noqa: E402
 from ddpo.plan import SampleBatchSpec  # noqa: E402
 from ddpo.trajectory import to_training_batch  # noqa: E402
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for g in range(args.groups):
         idx = torch.arange(g * args.group_size, (g + 1) * args.group_size)
         for j in range(num_steps):
-            log_prob = step_log_prob(
-                pipe, batch.latents[idx, j], batch.latents[idx, j + 1], batch.timesteps[idx, j],
-                prompt_embeds[idx], None if negative is None else negative[idx],
-                s.guidance_scale, s.eta, s.log_prob_reduction,
-            )
+            log_prob = learner._log_prob(batch, idx, torch.full((len(idx),), j), prompt_embeds, negative)
             loss = -(advantages[idx] * log_prob).mean()
             grads[j, g] = torch.cat([p.flatten() for p in torch.autograd.grad(loss, params)]).numpy()
 

@@ -64,7 +64,7 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(t
         assert field in metrics[-1]
     accuracy = [m["correct_mean"] for m in metrics]
     # 128 samples an epoch: an epoch's accuracy is within about +-0.04 of its mean (1 sigma);
-    # this run goes from about 0.3 to 0.55 (lag 0 is deterministic: the same numbers each time)
+    # this run goes from about 0.37 to 0.64 (lag 0 is deterministic: the same numbers each time)
     assert sum(accuracy[-3:]) / 3 > sum(accuracy[:3]) / 3 + 0.15, accuracy
     assert len(list((run_dir / "samples").glob("epoch_*.png"))) == 15
     assert len(list((run_dir / "trajectories").glob("*.parquet"))) == 15
