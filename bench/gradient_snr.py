@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for g in range(args.groups):
         idx = torch.arange(g * args.group_size, (g + 1) * args.group_size)
         for j in range(num_steps):
-            log_prob = learner._log_prob(batch, idx, torch.full((len(idx),), j), prompt_embeds, negative)
+            log_prob = learner._log_prob(batch, idx, torch.full((len(idx), 1), j), prompt_embeds, negative)[:, 0]
             loss = -(advantages[idx] * log_prob).mean()
             grads[j, g] = torch.cat([p.flatten() for p in torch.autograd.grad(loss, params)]).numpy()
 

@@ -34,6 +34,7 @@ from cluster.inprocess import InProcessRun  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 from ddpo.plan import epoch_plan  # noqa: E402
+from ddpo.trajectory import EpochTrajectories  # noqa: E402
 from learner import Learner  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def bench_parts(config) -> dict:
     sample_s = time.perf_counter() - start
     rewards = [rewards for _, rewards, _ in reward.score(*[summary for _, summary in batches])]
     start = time.perf_counter()
-    learner.train([full for full, _ in batches], rewards)
+    learner.train(EpochTrajectories.from_batches([full for full, _ in batches]), rewards)
     train_s = time.perf_counter() - start
     return {"sampler_images_per_s": config.samples_per_epoch / sample_s,
             "learner_samples_per_s": config.samples_per_epoch / train_s}
@@ -64,7 +65,7 @@ def bench_ray(config) -> tuple[float, list[dict]]:
     """Wall time of Driver.fit (the whole run after the actors are up) and its metrics."""
     driver = Driver(config, make_run_dir(config))
     try:
-        ray.get([driver.learner.weights.remote(), *[s.weights.remote() for s in driver.samplers]])
+        ray.get([actor.ready.remote() for actor in driver.actors])  # every model loaded
         start = time.perf_counter()
         history = driver.fit()
         return time.perf_counter() - start, history

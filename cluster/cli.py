@@ -87,6 +87,7 @@ def train(args) -> int:
     import ray
 
     from cluster.driver import ActorLost, Driver
+    from cluster.metrics import bottleneck_hint, busy_summary
     from cluster.run_dir import latest_checkpoint, make_run_dir, truncate_metrics
 
     config = _prepare(args)
@@ -107,6 +108,7 @@ def train(args) -> int:
     driver = None
     try:
         driver = Driver(config, run_dir)
+        print(f"layout: {driver.config.cluster.layout}, {driver.placement.describe()}")
         start_epoch = 0
         if checkpoint is not None:
             start_epoch = driver.resume(checkpoint)
@@ -134,6 +136,11 @@ def train(args) -> int:
         first, last = history[0], history[-1]
         print(f"reward_mean: epoch {first['epoch']} {first['reward_mean']:.4f}, "
               f"epoch {last['epoch']} {last['reward_mean']:.4f}")
+        busy = busy_summary(history)
+        print("busy: " + ", ".join(f"{role}s {busy[role]:.0%}" for role in busy))
+        hint = bottleneck_hint(busy, driver.config.cluster.layout, driver.config.cluster.max_policy_lag)
+        if hint:
+            print(f"bottleneck: {hint}")
     if (run_dir / "eval.json").exists():  # the fixed eval batch, before and after training
         evals = json.loads((run_dir / "eval.json").read_text())
         changes = ", ".join(f"{key} {evals['before'][key]:.4f} -> {evals['after'][key]:.4f}"

@@ -17,6 +17,7 @@ from actors.sampler import Sampler
 from cluster.run_dir import RunRecorder, is_checkpoint_epoch
 from ddpo.config import Config
 from ddpo.plan import epoch_plan
+from ddpo.trajectory import EpochTrajectories
 from learner import Learner
 
 
@@ -41,7 +42,8 @@ class InProcessRun:
             sampled = time.perf_counter()
             scored = [scored[1:] for scored in self.reward.score(*[summary for _, summary in batches])]
             rewarded = time.perf_counter()
-            learner_metrics = learner.train([full for full, _ in batches], [r for r, _ in scored])
+            learner_metrics = learner.train(EpochTrajectories.from_batches([full for full, _ in batches]),
+                                            [r for r, _ in scored])
             policy_version = learner_metrics.pop("policy_version")
             trained = time.perf_counter()
             sampler.set_weights(learner.weights())

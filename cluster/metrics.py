@@ -9,6 +9,39 @@ from contextlib import contextmanager
 
 from ray.util.metrics import Counter, Gauge
 
+ROLES = ("sampler", "learner", "reward")
+_COUNT_KEYS = {"sampler": "cluster.num_samplers", "learner": "cluster.num_learners",
+               "reward": "cluster.num_reward_actors"}
+
+
+def busy_summary(history: list[dict]) -> dict[str, float]:
+    """Each role's busy fraction over a run's epochs (weighted by the epochs' wall time)."""
+    seconds = sum(m["time_epoch_s"] for m in history)
+    return {role: sum(m[f"busy_{role}"] * m["time_epoch_s"] for m in history) / seconds for role in ROLES}
+
+
+def bottleneck_hint(busy: dict[str, float], layout: str, max_policy_lag: int) -> str | None:
+    """One line naming the count to raise when the samplers or learners idle more than half the
+    time (a reward actor that idles costs little: it holds no device); None when none does."""
+    if layout == "colocated":  # a sampler and a learner share each device and take turns
+        device = busy["sampler"] + busy["learner"]
+        if device >= 0.5:
+            return None
+        if busy["reward"] > device:
+            return (f"the devices idle {1 - device:.0%} of the time waiting for rewards (reward actors busy "
+                    f"{busy['reward']:.0%}): raise cluster.num_reward_actors")
+        return (f"the devices idle {1 - device:.0%} of the time: the driver holds the run up "
+                "(see the time_*_s fields of metrics.jsonl)")
+    idle = [role for role in ("sampler", "learner") if busy[role] < 0.5]
+    if not idle:
+        return None
+    busiest = max(ROLES, key=lambda role: busy[role])
+    waiting = ", ".join(f"{role}s idle {1 - busy[role]:.0%} of the time" for role in idle if role != busiest)
+    line = f"{waiting}; {busiest}s are busy {busy[busiest]:.0%}: raise {_COUNT_KEYS[busiest]}"
+    if max_policy_lag == 0:
+        line += " (at max_policy_lag 0 samplers and learners take turns: cluster.layout colocated keeps both busy)"
+    return line
+
 
 class ActorMetrics:
     """Busy seconds and idle ratio of one actor, tagged with its name and role, so that the
@@ -52,6 +85,8 @@ class DriverMetrics:
         self.gauges = {name: Gauge(name, description) for name, description in self.GAUGES.items()}
         self.stage_seconds = Gauge("ddpo_stage_seconds", "seconds of the epoch's stage", tag_keys=("stage",))
         self.queue_depth = Gauge("ddpo_queue_depth", "tasks waiting in a queue", tag_keys=("queue",))
+        self.busy_fraction = Gauge("ddpo_busy_fraction", "fraction of the epoch a role's actors spent working",
+                                   tag_keys=("role",))
         self.samples = Counter("ddpo_samples_total", "samples trained on")
         self.dropped = Counter("ddpo_dropped_stale_batches_total", "sample batches dropped as too old")
 
@@ -74,6 +109,8 @@ class DriverMetrics:
         for name, value in values.items():
             if value is not None and value == value:  # skip NaN (RWR has no KL or clipfrac)
                 self.gauges[name].set(float(value))
+        for role in ROLES:
+            self.busy_fraction.set(metrics[f"busy_{role}"], tags={"role": role})
         for stage in ("sample", "reward", "train", "broadcast"):
             self.stage_seconds.set(metrics[f"time_{stage}_s"], tags={"stage": stage})
         if metrics.get("num_samples"):

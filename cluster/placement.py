@@ -1,19 +1,77 @@
-"""Where the actors run: one placement group with a bundle per actor, from the config's
-resources (CPUs, GPUs, fractions allowed, and custom resources for node pinning). The same
-config works on a 1-GPU box and on a multi-node cluster; asking for more than exists fails at
-once, naming what was asked and what the cluster has."""
+"""Where the actors run: the layout (which actors share a device), then one placement group
+with a bundle per device, from the config's resources (CPUs, GPUs, fractions allowed, custom
+resources for node pinning). The same config works on a laptop, a 1-GPU box and a multi-node
+cluster; asking for more than exists fails at once, naming what was asked and what the
+cluster has.
+
+Layouts (`cluster.layout`):
+- colocated (max_policy_lag 0): sampler-i and learner-i share device i. A device is one bundle,
+  the larger of the sampler's and the learner's asks; each actor asks Ray for its share of the
+  bundle, and uses all of the device's CPUs as torch threads, since the two take turns: every
+  device samples, then trains.
+- separate (max_policy_lag >= 1): every sampler and learner has a bundle of its own, so that
+  sampling the next epoch overlaps training on this one.
+Reward actors have a bundle each (none when they ask for no resources at all: a CPU reward).
+"""
 
 from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ddpo.config import ActorResources, Config
+from ddpo.config import ActorResources, ClusterConfig, Config
+
+# `auto` counts on a CPU model: one device per core, up to this many (the tiny models gain
+# little from more ranks than this, and every rank holds its own copy of the model)
+MAX_AUTO_CPU_DEVICES = 4
 
 
 class PlacementError(RuntimeError):
     """The actors cannot be placed on this cluster; the message names the config keys."""
+
+
+def _floor4(value: float) -> float:
+    """Ray keeps resource amounts to 4 decimals: round down, so that the shares still fit."""
+    return math.floor(value * 1e4) / 1e4
+
+
+def _uses_gpu(config: Config, cluster_resources: dict[str, float]) -> bool:
+    device = config.model.device
+    return device.startswith("cuda") or (device == "auto" and cluster_resources.get("GPU", 0) > 0)
+
+
+def resolve_layout(config: Config, cluster_resources: dict[str, float]) -> Config:
+    """A copy of `config` with every `auto` of `cluster` made explicit for this cluster:
+    the counts, the layout, the samplers' and learners' CPUs and torch threads."""
+    config = copy.deepcopy(config)
+    c = config.cluster
+    reward_cpus = c.num_reward_actors * (0.0 if c.reward.num_cpus == "auto" else c.reward.num_cpus)
+    if c.reward.num_cpus == "auto":
+        c.reward.num_cpus = 0.0
+    free_cpus = cluster_resources.get("CPU", 0.0) - reward_cpus
+    gpu = _uses_gpu(config, cluster_resources)
+    if gpu:  # one device per GPU the reward actors leave whole
+        devices = int(cluster_resources.get("GPU", 0.0) - c.num_reward_actors * c.reward.num_gpus)
+    else:
+        devices = min(int(free_cpus), MAX_AUTO_CPU_DEVICES)
+    devices = max(1, devices)
+    if c.num_samplers == "auto":
+        c.num_samplers = min(devices, config.sample.num_batches_per_epoch)
+    if c.num_learners == "auto":
+        c.num_learners = min(devices, config.train.batch_size)
+    if c.layout == "auto":
+        c.layout = "colocated" if c.max_policy_lag == 0 else "separate"
+    num_devices = (max(c.num_samplers, c.num_learners) if c.layout == "colocated"
+                   else c.num_samplers + c.num_learners)
+    for role in (c.sampler, c.learner):
+        if role.num_cpus == "auto":  # the cluster's CPUs shared by the devices (1 beside a GPU)
+            role.num_cpus = 1.0 if gpu else max(0.01, _floor4(free_cpus / num_devices))
+    return config
 
 
 def _bundle(resources: ActorResources) -> dict[str, float]:
@@ -21,56 +79,114 @@ def _bundle(resources: ActorResources) -> dict[str, float]:
     return {name: amount for name, amount in wanted.items() if amount > 0}
 
 
+@dataclass
+class Devices:
+    """What the layout asks of Ray: the bundles (one per device, then one per reward actor that
+    asks for resources), which bundle each actor runs in, its share of the bundle, and its torch
+    threads."""
+
+    members: list[list[str]]  # the actors of each device, e.g. ["sampler-0", "learner-0"]
+    bundles: list[dict[str, float]]
+    index: dict[str, int]  # actor -> bundle (absent: no resources, outside the group)
+    asks: dict[str, dict[str, float]]
+    threads: dict[str, int]
+
+    @classmethod
+    def of(cls, cluster: ClusterConfig) -> Devices:
+        """The devices of a resolved cluster config (`resolve_layout`): colocated, sampler-i +
+        learner-i; separate, the learners, then the samplers; then the reward actors."""
+        c = cluster
+        samplers = [f"sampler-{i}" for i in range(c.num_samplers)]
+        learners = [f"learner-{i}" for i in range(c.num_learners)]
+        rewards = [f"reward-{j}" for j in range(c.num_reward_actors)]
+        role = {**dict.fromkeys(samplers, c.sampler), **dict.fromkeys(learners, c.learner),
+                **dict.fromkeys(rewards, c.reward)}
+        if c.layout == "colocated":
+            members = [[*samplers[i:i + 1], *learners[i:i + 1]] for i in range(max(len(samplers), len(learners)))]
+        else:
+            members = [[name] for name in learners + samplers]
+        devices = cls(members + [[name] for name in rewards], [], {}, {}, {})
+        for names in devices.members:
+            bundle: dict[str, float] = {}
+            for name in names:  # the larger of the asks of the actors sharing the device
+                for key, amount in _bundle(role[name]).items():
+                    bundle[key] = max(bundle.get(key, 0.0), amount)
+            for name in names:
+                devices.asks[name] = {key: _floor4(amount / len(names)) for key, amount in bundle.items()}
+                threads = role[name].num_threads
+                devices.threads[name] = max(1, int(bundle.get("CPU", 0.0))) if threads == "auto" else threads
+                if bundle:
+                    devices.index[name] = len(devices.bundles)
+            if bundle:
+                devices.bundles.append(bundle)
+        return devices
+
+    def totals(self) -> dict[str, float]:
+        """The resources of all bundles together."""
+        asked: dict[str, float] = {}
+        for bundle in self.bundles:
+            for name, amount in bundle.items():
+                asked[name] = asked.get(name, 0.0) + amount
+        return asked
+
+    def describe(self) -> str:
+        """One line: the devices and what each holds, e.g. for the run's log."""
+        parts = []
+        for names in self.members:
+            bundle = self.bundles[self.index[names[0]]] if names[0] in self.index else {}
+            what = ", ".join(f"{amount:g} {key}" for key, amount in bundle.items()) or "no resources"
+            threads = self.threads[names[0]]
+            parts.append(f"{' + '.join(names)} ({what}, {threads} thread{'s' if threads > 1 else ''})")
+        return "; ".join(parts)
+
+
 class Placement:
-    """Bundles in the order learner, sampler-0..N-1, reward-0..M-1; an actor that asks for no
-    resources at all (a CPU reward by default) is scheduled outside the group."""
+    """One placement group with the bundles of `Devices`; `config` is resolved
+    (`resolve_layout`)."""
 
     def __init__(self, config: Config):
         c = config.cluster
-        self.roles = [("learner", c.learner)]
-        self.roles += [(f"sampler-{i}", c.sampler) for i in range(c.num_samplers)]
-        self.roles += [(f"reward-{i}", c.reward) for i in range(c.num_reward_actors)]
-        self._check_totals(c)
-        bundles = [_bundle(resources) for _, resources in self.roles]
-        self.index = {}
-        for name, bundle in zip((name for name, _ in self.roles), bundles):
-            if bundle:
-                self.index[name] = len(self.index)
-        self.group = placement_group([b for b in bundles if b], strategy=c.placement_strategy, name="ddpo")
+        self.devices = Devices.of(c)
+        self.threads = self.devices.threads
+        self.counts = (c.num_samplers, c.num_learners, c.num_reward_actors)
+        bundles = self.devices.bundles
+        self._check_totals()
+        self.group = placement_group(bundles, strategy=c.placement_strategy, name="ddpo")
         try:
             ray.get(self.group.ready(), timeout=c.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.group)
             raise PlacementError(
-                f"cluster: the actors' bundles ({[b for b in bundles if b]}, strategy "
+                f"cluster: the actors' bundles ({bundles}, strategy "
                 f"{c.placement_strategy}) could not be placed within cluster.placement_timeout_s="
                 f"{c.placement_timeout_s:g}s on nodes with {_nodes()}; lower the resources or use "
                 "placement_strategy SPREAD"
             ) from None
 
-    def _check_totals(self, c) -> None:
-        asked: dict[str, float] = {}
-        for _, resources in self.roles:
-            for name, amount in _bundle(resources).items():
-                asked[name] = asked.get(name, 0.0) + amount
+    def _check_totals(self) -> None:
+        asked = self.devices.totals()
         have = ray.cluster_resources()
+        num_samplers, num_learners, num_rewards = self.counts
         for name, amount in asked.items():
             if amount > have.get(name, 0.0) + 1e-9:
                 key = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(name, f"resources.{name}")
                 raise PlacementError(
-                    f"cluster: the actors ask for {amount:g} {name} in all ({c.num_samplers} samplers, "
-                    f"{c.num_reward_actors} reward actors, 1 learner) but the Ray cluster has "
-                    f"{have.get(name, 0.0):g}; lower cluster.*.{key} or cluster.num_samplers"
+                    f"cluster: the actors ask for {amount:g} {name} in all ({num_samplers} samplers, "
+                    f"{num_learners} learners, {num_rewards} reward actors) but the Ray cluster has "
+                    f"{have.get(name, 0.0):g}; lower cluster.*.{key} or the actor counts"
                 )
 
+    def describe(self) -> str:
+        return self.devices.describe()
+
     def options(self, name: str) -> dict:
-        """Ray actor options for the actor `name`: its resources, in its bundle."""
-        resources = dict(self.roles)[name]
-        options = {"name": name, "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
-                   "resources": dict(resources.resources)}
-        if name in self.index:
+        """Ray actor options for the actor `name`: its share of its device, in its bundle."""
+        ask = dict(self.devices.asks[name])
+        options = {"name": name, "num_cpus": ask.pop("CPU", 0.0), "num_gpus": ask.pop("GPU", 0.0),
+                   "resources": ask}
+        if name in self.devices.index:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=self.index[name]
+                self.group, placement_group_bundle_index=self.devices.index[name]
             )
         return options
 

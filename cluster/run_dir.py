@@ -132,15 +132,23 @@ def write_curves(run_dir: Path) -> None:
 
 class RunRecorder:
     """Writes each epoch into the run directory: trajectories (Parquet), the sample grid, the
-    metrics line, TensorBoard scalars and grid (`tensorboard/`), and the curves PNG."""
+    metrics line, TensorBoard scalars and grid (`tensorboard/`), and the curves PNG (every
+    `CURVES_EVERY` epochs and at the end: drawing it costs the driver more than the rest of
+    the epoch's record, and TensorBoard has the live curves)."""
+
+    CURVES_EVERY = 10
 
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.curves_stale = False
 
     def close(self) -> None:
+        if self.curves_stale:
+            write_curves(self.run_dir)
+            self.curves_stale = False
         self.tensorboard.close()
 
     def record_epoch(self, epoch: int, policy_version: int, table: pa.Table,
@@ -168,7 +176,9 @@ class RunRecorder:
             **{k: v for k, v in learner_metrics.items() if k not in ("approx_kl", "clipfrac", "loss")},
         }
         append_metrics(run_dir, metrics)
-        write_curves(run_dir)
+        self.curves_stale = (epoch + 1) % self.CURVES_EVERY != 0
+        if not self.curves_stale:
+            write_curves(run_dir)
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tensorboard.add_scalar(key, value, epoch)

@@ -78,6 +78,9 @@ class TrainConfig:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_inner_epochs: int = 1
+    # timesteps of a minibatch run through the UNet in one forward (the same math, a bigger
+    # batch: faster where the device has room; bench/learner_timesteps.py measures it)
+    timesteps_per_forward: int = 1
     # fraction of each trajectory's timesteps trained on: a fresh random subset per sample
     # (`random`, as the public implementation), or its first, noisiest steps (`earliest`), where
     # the image's content is decided; the last, nearly noiseless steps add large score-function
@@ -138,17 +141,28 @@ class RewardConfig:
 
 @dataclass
 class ActorResources:
-    num_cpus: float = 1.0
+    # Ray CPUs; `auto`: the cluster's CPUs shared evenly between the devices of the layout
+    # (see ClusterConfig.layout), fractions allowed
+    num_cpus: float | Literal["auto"] = "auto"
     num_gpus: float = 0.0
     # custom Ray resources, e.g. {"sampler_node": 1} to pin actors to the nodes that offer it
     resources: dict[str, float] = field(default_factory=dict)
+    # torch threads; `auto`: the CPUs of the actor's device, rounded down, at least 1 (a
+    # sampler and a learner that share a device take turns, so each may use all of it)
+    num_threads: int | Literal["auto"] = "auto"
 
 
 @dataclass
 class ClusterConfig:
     # None: start a local Ray instance (dashboard on 127.0.0.1); `auto` or `ray://...`: connect
     address: str | None = None
-    num_samplers: int = 1
+    # `auto`: one per device of the machine (its GPUs, or its CPU cores up to 4 for a CPU
+    # model), no more samplers than sample batches per epoch, no more learners than samples
+    # per minibatch
+    num_samplers: int | Literal["auto"] = 1
+    # ranks of the one logical learner (a torch.distributed group: gloo on CPU, NCCL on GPU);
+    # each trains on its slice of every minibatch, and the numbers do not depend on the count
+    num_learners: int | Literal["auto"] = 1
     num_reward_actors: int = 1
     # 0: fully synchronous, the paper's algorithm; k >= 1: train on batches made with weights
     # up to k versions old (decoupled PPO corrects for it); older batches are dropped and counted
@@ -157,6 +171,11 @@ class ClusterConfig:
     # had in flight are run again on it (a batch id still counts once); the learner holds the
     # training state and is not restarted: a run whose learner dies resumes from a checkpoint
     max_restarts: int = 3
+    # `colocated`: sampler-i and learner-i share device i, which samples, then trains (lag 0);
+    # `separate`: every sampler and learner has a device of its own, so that sampling and
+    # training overlap (lag >= 1); `auto`: colocated at max_policy_lag 0, else separate.
+    # A device is one placement-group bundle: the larger of the sampler's and learner's asks
+    layout: Literal["auto", "colocated", "separate"] = "auto"
     # the placement group of all actors: PACK (as few nodes as possible) or SPREAD
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # fail instead of waiting longer than this for the actors' resources
@@ -223,8 +242,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        errors = []
+        for inner in [a for a in args if a is not type(None)]:
+            try:
+                return _coerce(value, inner, key)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: " + "; or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
@@ -373,6 +397,7 @@ def validate(config: Config) -> None:
            "train.gradient_accumulation_steps: must divide the minibatches per epoch "
            f"({config.samples_per_epoch // t.batch_size})")
     _check(t.num_inner_epochs >= 1, "train.num_inner_epochs: must be >= 1")
+    _check(t.timesteps_per_forward >= 1, "train.timesteps_per_forward: must be >= 1")
     _check(0 < t.timestep_fraction <= 1, "train.timestep_fraction: must be in (0, 1]")
     _check(t.clip_range > 0, "train.clip_range: must be > 0")
     _check(t.adv_clip_max > 0, "train.adv_clip_max: must be > 0")
@@ -385,12 +410,18 @@ def validate(config: Config) -> None:
            "advantage.min_count: must be between 1 and advantage.buffer_size")
     _check(config.reward.max_batch_images >= 1, "reward.max_batch_images: must be >= 1")
     _check(config.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
-    _check(c.num_samplers >= 1, "cluster.num_samplers: must be >= 1")
+    _check(c.num_samplers == "auto" or c.num_samplers >= 1, "cluster.num_samplers: must be >= 1 or auto")
+    _check(c.num_learners == "auto" or c.num_learners >= 1, "cluster.num_learners: must be >= 1 or auto")
+    _check(c.num_learners == "auto" or c.num_learners <= t.batch_size,
+           f"cluster.num_learners: {c.num_learners} learners cannot split a minibatch of "
+           f"train.batch_size={t.batch_size} samples; use at most {t.batch_size}")
     _check(c.num_reward_actors >= 1, "cluster.num_reward_actors: must be >= 1")
     _check(c.max_policy_lag >= 0, "cluster.max_policy_lag: must be >= 0")
     _check(c.max_restarts >= 0, "cluster.max_restarts: must be >= 0")
     for role in ("sampler", "reward", "learner"):
         res = getattr(c, role)
-        _check(res.num_cpus >= 0 and res.num_gpus >= 0 and all(v >= 0 for v in res.resources.values()),
+        _check((res.num_cpus == "auto" or res.num_cpus >= 0) and res.num_gpus >= 0
+               and all(v >= 0 for v in res.resources.values()),
                f"cluster.{role}: num_cpus, num_gpus and resources must be >= 0")
+        _check(res.num_threads == "auto" or res.num_threads >= 1, f"cluster.{role}.num_threads: must be >= 1 or auto")
     _check(c.placement_timeout_s > 0, "cluster.placement_timeout_s: must be > 0")

@@ -8,8 +8,10 @@ Parquet (`trajectories/`). Images travel as PNG bytes, prompts as text.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ddpo.diffusion import Trajectories
+if TYPE_CHECKING:  # the reward actors read trajectories without importing diffusers
+    from ddpo.diffusion import Trajectories
 
 LATENTS = "latents"
 
@@ -75,6 +78,33 @@ class TrainingBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+@dataclass
+class EpochTrajectories:
+    """An epoch's sample batches as the learner receives them: every batch's id, policy version
+    and prompts (small: every learner rank gets them all), and `fetch(indices)`, which returns
+    the full trajectories of the batches at those indices (a rank fetches only the batches
+    that hold its samples; on Ray, straight from the object store)."""
+
+    batch_ids: list[str]
+    policy_versions: list[int]
+    prompts: list[list[str]]
+    fetch: Callable[[list[int]], list[pa.RecordBatch]] | None = None  # set where the trajectories are
+
+    @classmethod
+    def describe(cls, batches: list[pa.RecordBatch]) -> EpochTrajectories:
+        """Ids, versions and prompts of sample batches (with or without latents); no fetch."""
+        return cls(batch_ids=[b.column("batch_id")[0].as_py() for b in batches],
+                   policy_versions=[b.column("policy_version")[0].as_py() for b in batches],
+                   prompts=[b.column("prompt").to_pylist() for b in batches])
+
+    @classmethod
+    def from_batches(cls, batches: list[pa.RecordBatch]) -> EpochTrajectories:
+        """Trajectories already in memory (one process, tests)."""
+        epoch = cls.describe(batches)
+        epoch.fetch = lambda indices: [batches[i] for i in indices]
+        return epoch
 
 
 def to_training_batch(table: pa.Table | pa.RecordBatch) -> TrainingBatch:

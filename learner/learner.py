@@ -1,8 +1,14 @@
 """The learner: advantages, then DDPO-IS / DDPO-SF / RWR updates of the UNet's LoRA.
 
-A plain class (no Ray): `cluster/` wraps it as the `learner` actor. One call of `train()` is one
-update (the paper's "iteration"): it consumes an epoch's trajectories and their rewards, runs
-`num_inner_epochs` passes over them, and bumps `policy_version`.
+A plain class (no Ray): `cluster/` wraps it as the actors `learner-<rank>`. One call of
+`train()` is one update (the paper's "iteration"): it consumes an epoch's trajectories and their
+rewards, runs `num_inner_epochs` passes over them, and bumps `policy_version`.
+
+One logical learner may span `world_size` ranks (a torch.distributed group: gloo on CPU, NCCL on
+GPU). Every rank gets all rewards and prompts and computes the same advantages and the same
+minibatch plan; each trains on its slice of every minibatch, weighted by the slice's share of
+the minibatch, and the LoRA gradients are summed across ranks once per optimizer step. So every
+rank takes the same optimizer steps, and the numbers do not depend on `world_size`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
@@ -25,7 +32,7 @@ from ddpo.diffusion import encode_prompts, predict_noise, step_log_prob
 from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, save_lora
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
 from ddpo.pipeline import load_policy
-from ddpo.trajectory import TrainingBatch, to_training_batch
+from ddpo.trajectory import EpochTrajectories, TrainingBatch, to_training_batch
 
 
 def _num_train_steps(train: TrainConfig, num_steps: int) -> int:
@@ -33,8 +40,9 @@ def _num_train_steps(train: TrainConfig, num_steps: int) -> int:
 
 
 class Learner:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         self.config = config
+        self.rank, self.world_size = rank, world_size
         self.pipe = load_policy(config)
         self.pipe.scheduler.set_timesteps(config.sample.num_steps, device=self.pipe.unet.device)
         t = config.train
@@ -44,9 +52,28 @@ class Learner:
         )
         a = config.advantage
         self.stat_tracker = PerPromptStatTracker(a.buffer_size, a.min_count)
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)  # the same on every rank
         self.policy_version = 0
         self.trained_batch_ids: set[str] = set()
+
+    def join_group(self, init_method: str, hostname: str) -> None:
+        """Join the learner group's process group (`world_size` > 1): NCCL on GPU, gloo on CPU
+        with its sockets on `hostname` (in Ray, this node's address)."""
+        device = self.pipe.unet.device
+        if device.type == "cuda":
+            dist.init_process_group("nccl", init_method=init_method, rank=self.rank,
+                                    world_size=self.world_size, device_id=device)
+        else:
+            options = dist.ProcessGroupGloo._Options()
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
+            dist.init_process_group("gloo", init_method=init_method, rank=self.rank,
+                                    world_size=self.world_size, pg_options=options)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place (nothing to do on one rank)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -56,43 +83,68 @@ class Learner:
 
     # -- one update ---------------------------------------------------------------------------
 
-    def train(self, batches: list[pa.RecordBatch], rewards: list[np.ndarray]) -> dict[str, float]:
-        """One update on sample batches (Arrow) and their rewards; returns its diagnostics and the
-        new `policy_version`. A batch whose id was trained on before (a retried task delivered
-        twice) is skipped and counted; with nothing left to train on, the version stays."""
-        fresh = [(b, r) for b, r in zip(batches, rewards) if b.column("batch_id")[0].as_py()
-                 not in self.trained_batch_ids]
-        duplicates = len(batches) - len(fresh)
+    def train(self, epoch: EpochTrajectories, rewards: list[np.ndarray]) -> dict[str, float]:
+        """One update on an epoch's sample batches and their rewards (one array per batch);
+        returns its diagnostics and the new `policy_version`. A batch whose id was trained on
+        before (a retried task delivered twice) is skipped and counted; with nothing left to
+        train on, the version stays."""
+        fresh = [i for i, batch_id in enumerate(epoch.batch_ids) if batch_id not in self.trained_batch_ids]
+        duplicates = len(epoch.batch_ids) - len(fresh)
         if not fresh:
             return {"duplicate_batches": duplicates, "num_samples": 0, "policy_version": self.policy_version}
-        batch = to_training_batch(pa.Table.from_batches([b for b, _ in fresh]))
-        reward = np.concatenate([np.asarray(r, dtype=np.float64) for _, r in fresh])
+        prompts = [prompt for i in fresh for prompt in epoch.prompts[i]]
+        reward = np.concatenate([np.asarray(rewards[i], dtype=np.float64) for i in fresh])
+        versions = torch.tensor([epoch.policy_versions[i] for i in fresh for _ in epoch.prompts[i]])
 
-        # advantages: per-prompt normalised rewards, clipped
+        # advantages: per-prompt normalised rewards, clipped (every rank: all rewards)
         if self.config.advantage.per_prompt_stat_tracking:
-            advantages = self.stat_tracker.update(batch.prompts, reward)
+            advantages = self.stat_tracker.update(prompts, reward)
         else:
             advantages = batch_advantages(reward)
         advantages = torch.as_tensor(
             clip_advantages(advantages, self.config.train.adv_clip_max), dtype=torch.float32
         )
 
-        policy_lag = (self.policy_version - batch.policy_versions).float()
+        # the minibatch plan (the same on every rank), then this rank's samples of it
+        plan = self._minibatches(len(prompts), self.config.sample.num_steps)
+        rows = sorted({int(i) for idx, _, _ in plan for i in self._my_slice(idx)})
+        batch = self._fetch_rows(epoch, fresh, rows)
+        local = torch.full((len(prompts),), -1, dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+
         if self.config.train.algorithm == "rwr":
-            diagnostics = self._train_rwr(batch, advantages)
+            diagnostics = self._train_rwr(batch, local, advantages, plan)
         else:
-            diagnostics = self._train_policy_gradient(batch, advantages)
+            diagnostics = self._train_policy_gradient(batch, local, advantages, plan)
 
         self.policy_version += 1
-        self.trained_batch_ids.update(batch.batch_ids)
+        self.trained_batch_ids.update(epoch.batch_ids[i] for i in fresh)
         return {
             **diagnostics,
-            "num_samples": len(batch),
+            "num_samples": len(prompts),
             "duplicate_batches": duplicates,
             "policy_version": self.policy_version,
-            "policy_lag_mean": float(policy_lag.mean()),
+            "policy_lag_mean": float((self.policy_version - 1 - versions).float().mean()),
             "advantage_abs_mean": float(advantages.abs().mean()),
         }
+
+    def _my_slice(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a minibatch (contiguous, sizes differing by at most one)."""
+        return torch.tensor_split(idx, self.world_size)[self.rank]
+
+    @staticmethod
+    def _fetch_rows(epoch: EpochTrajectories, fresh: list[int], rows: list[int]) -> TrainingBatch:
+        """The trajectories of the samples `rows` (indices into the fresh batches' samples),
+        fetching only the batches that hold them."""
+        starts = np.cumsum([0] + [len(epoch.prompts[i]) for i in fresh])
+        owner = np.searchsorted(starts, rows, side="right") - 1  # position in `fresh` of each row
+        needed = sorted(set(owner.tolist()))
+        fetched = dict(zip(needed, epoch.fetch([fresh[j] for j in needed])))
+        offsets = np.cumsum([0] + [fetched[j].num_rows for j in needed])
+        position = {j: offset for j, offset in zip(needed, offsets)}
+        take = [position[j] + row - starts[j] for j, row in zip(owner.tolist(), rows)]
+        table = pa.Table.from_batches([fetched[j] for j in needed]).take(take)
+        return to_training_batch(table)
 
     def _embeddings(self, prompts: list[str], with_negative: bool):
         """Text embeddings of all prompts, computed once per update (the text encoder is frozen)."""
@@ -104,19 +156,27 @@ class Learner:
         negative = torch.cat([e[1] for e in encoded]) if with_negative else None
         return prompt_embeds, negative
 
-    def _log_prob(self, batch: TrainingBatch, idx, step, prompt_embeds, negative):
-        """log p_theta(x_{t-1} | x_t, c) for samples `idx` at their step indices `step`."""
+    def _log_prob(self, batch: TrainingBatch, idx, steps, prompt_embeds, negative):
+        """log p_theta(x_{t-1} | x_t, c) for samples `idx` [m] at their step indices `steps`
+        [m, n], as [m, n]: the n steps of all m samples go through the UNet as one batch."""
         device = self.pipe.unet.device
         s = self.config.sample
+        m, n = steps.shape
+        rows, cols = idx[:, None].expand(m, n).reshape(-1), steps.reshape(-1)
         return step_log_prob(
             self.pipe,
-            batch.latents[idx, step].to(device),
-            batch.latents[idx, step + 1].to(device),
-            batch.timesteps[idx, step].to(device),
-            prompt_embeds[idx],
-            None if negative is None else negative[idx],
+            batch.latents[rows, cols].to(device),
+            batch.latents[rows, cols + 1].to(device),
+            batch.timesteps[rows, cols].to(device),
+            prompt_embeds[rows],
+            None if negative is None else negative[rows],
             s.guidance_scale, s.eta, s.log_prob_reduction,
-        ).cpu()
+        ).cpu().reshape(m, n)
+
+    def _step_chunks(self, num_steps: int) -> list[slice]:
+        """Groups of `train.timesteps_per_forward` step positions, in order."""
+        size = self.config.train.timesteps_per_forward
+        return [slice(j, min(j + size, num_steps)) for j in range(0, num_steps, size)]
 
     def _schedule(self, num_samples: int, num_steps: int):
         """Per inner epoch: a sample order and, per sample, the order of its steps. Training
@@ -135,30 +195,45 @@ class Learner:
             steps = torch.arange(num_steps).expand(num_samples, num_steps)
         return order, steps
 
-    def _minibatches(self, batch: TrainingBatch):
-        """Yield (sample indices, their step orders, whether an optimizer step follows). An
-        optimizer step follows every `gradient_accumulation_steps` minibatches and the last one
-        of each inner epoch (dropped stale batches can leave a short epoch)."""
+    def _minibatches(self, num_samples: int, num_steps: int) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """The update's plan: (sample indices, their step orders, whether an optimizer step
+        follows) per minibatch. An optimizer step follows every `gradient_accumulation_steps`
+        minibatches and the last one of each inner epoch (dropped stale batches can leave a
+        short epoch)."""
         t = self.config.train
-        num_samples, num_steps = batch.log_probs.shape
         starts = range(0, num_samples, t.batch_size)
+        plan = []
         for _ in range(t.num_inner_epochs):
             order, steps = self._schedule(num_samples, num_steps)
             for k, start in enumerate(starts):
                 idx = order[start:start + t.batch_size]
                 step_after = (k + 1) % t.gradient_accumulation_steps == 0 or k == len(starts) - 1
-                yield idx, steps[idx], step_after
+                plan.append((idx, steps[idx], step_after))
+        return plan
 
     def _optimizer_step(self) -> float:
         params = lora_parameters(self.pipe.unet)
+        if self.world_size > 1:  # one all-reduce of all LoRA gradients: the whole minibatch's
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            flat = self._all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+            for param, grad in zip(params, flat.split([g.numel() for g in grads])):
+                param.grad = grad.view_as(param)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
-    def _train_policy_gradient(self, batch: TrainingBatch, advantages: torch.Tensor) -> dict[str, float]:
+    def _summarise(self, sums: dict[str, float], num_terms: int, grad_norms: list[float]) -> dict[str, float]:
+        """Means over the update's (minibatch, step) terms of the ranks' weighted sums."""
+        names = sorted(sums)
+        totals = self._all_reduce(torch.tensor([sums[name] for name in names], dtype=torch.float64))
+        return {**{name: float(total) / num_terms for name, total in zip(names, totals)},
+                "grad_norm": float(np.mean(grad_norms))}
+
+    def _train_policy_gradient(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
+                               plan) -> dict[str, float]:
         t, s = self.config.train, self.config.sample
-        num_samples, num_steps = batch.log_probs.shape
+        num_steps = self.config.sample.num_steps
         num_train_steps = _num_train_steps(t, num_steps)
         prompt_embeds, negative = self._embeddings(batch.prompts, with_negative=t.cfg and s.guidance_scale > 1)
 
@@ -171,62 +246,80 @@ class Learner:
         with torch.no_grad():
             for start in range(0, len(stale), t.batch_size):
                 idx = stale[start:start + t.batch_size]
-                for j in range(num_steps):
-                    step = torch.full((len(idx),), j)
-                    log_prob_prox[idx, j] = self._log_prob(batch, idx, step, prompt_embeds, negative)
+                for chunk in self._step_chunks(num_steps):
+                    steps = torch.arange(num_steps)[chunk].expand(len(idx), -1)
+                    log_prob_prox[idx, chunk] = self._log_prob(batch, idx, steps, prompt_embeds, negative)
         weight = importance_weight(log_prob_prox, log_prob_behaviour, t.importance_weight_cap)
+        time_proximal = time.perf_counter() - proximal_start
 
-        stats = defaultdict(list, time_proximal_s=[time.perf_counter() - proximal_start])
+        # the same names on every rank: a rank with no samples in a minibatch adds zeros
+        names = ["loss", "importance_weight_mean"] + (["approx_kl", "clipfrac"] if t.algorithm == "ddpo_is" else [])
+        sums, grad_norms = dict.fromkeys(names, 0.0), []
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
-        for idx, steps, step_after in self._minibatches(batch):
-            for j in range(num_train_steps):
-                step = steps[:, j]
-                log_prob = self._log_prob(batch, idx, step, prompt_embeds, negative)
+        for idx_global, steps_global, step_after in plan:
+            mine = self._my_slice(torch.arange(len(idx_global)))
+            share = len(mine) / len(idx_global)  # this rank's part of the minibatch's mean
+            idx, adv = local[idx_global[mine]], advantages[idx_global[mine]]
+            for chunk in self._step_chunks(num_train_steps) if len(mine) else []:
+                steps = steps_global[mine, chunk]
+                n = steps.shape[1]
+                log_prob = self._log_prob(batch, idx, steps, prompt_embeds, negative)
+                terms = (adv[:, None].expand_as(steps), weight[idx[:, None], steps])
                 if t.algorithm == "ddpo_is":
-                    loss, diag = ddpo_is_loss(log_prob, log_prob_prox[idx, step], advantages[idx],
-                                              weight[idx, step], t.clip_range)
+                    loss, diag = ddpo_is_loss(log_prob, log_prob_prox[idx[:, None], steps], terms[0],
+                                              terms[1], t.clip_range)
                 else:
-                    loss, diag = ddpo_sf_loss(log_prob, advantages[idx], weight[idx, step])
-                (loss * scale).backward()
-                stats["loss"].append(loss.item())
-                for name, value in diag.items():
-                    stats[name].append(float(value))
+                    loss, diag = ddpo_sf_loss(log_prob, *terms)
+                # the mean over the n steps' terms counts n times: as n separate steps would
+                (loss * (n * share * scale)).backward()
+                for name, value in {"loss": loss, "importance_weight_mean": terms[1].mean(), **diag}.items():
+                    sums[name] += value.item() * n * share
             if step_after:
-                stats["grad_norm"].append(self._optimizer_step())
-        stats["importance_weight_mean"] = [float(weight.mean())]
-        return {name: float(np.mean(values)) for name, values in stats.items()}
+                grad_norms.append(self._optimizer_step())
+        return {**self._summarise(sums, len(plan) * num_train_steps, grad_norms),
+                "time_proximal_s": time_proximal}
 
-    def _train_rwr(self, batch: TrainingBatch, advantages: torch.Tensor) -> dict[str, float]:
+    def _train_rwr(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
+                   plan) -> dict[str, float]:
         """Reward-weighted regression on the final samples x_0: the ordinary denoising loss at the
         trajectory's timesteps, each sample weighted by exp(A / beta) or a top-k 0/1 weight."""
         t = self.config.train
         device = self.pipe.unet.device
         scheduler = self.pipe.scheduler
-        num_samples, num_steps = batch.log_probs.shape
-        num_train_steps = _num_train_steps(t, num_steps)
+        num_train_steps = _num_train_steps(t, self.config.sample.num_steps)
         weights = rwr_weights(advantages, beta=t.rwr_beta, top_fraction=t.rwr_top_fraction if t.rwr_sparse else None)
         prompt_embeds, _ = self._embeddings(batch.prompts, with_negative=False)
         x0 = batch.latents[:, -1].float()
 
-        stats = defaultdict(list)
+        sums, grad_norms = {"loss": 0.0}, []
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
-        for idx, steps, step_after in self._minibatches(batch):
-            for j in range(num_train_steps):
-                timestep = batch.timesteps[idx, steps[:, j]]
-                noise = torch.randn(x0[idx].shape, generator=self.generator)
-                noisy = scheduler.add_noise(x0[idx], noise, timestep)
+        for idx_global, steps_global, step_after in plan:
+            mine = self._my_slice(torch.arange(len(idx_global)))
+            share = len(mine) / len(idx_global)
+            idx = local[idx_global[mine]]
+            for chunk in self._step_chunks(num_train_steps):
+                # the noise of the whole minibatch, step by step: the same draws on every rank
+                noise = torch.stack([torch.randn((len(idx_global), *x0.shape[1:]), generator=self.generator)[mine]
+                                     for _ in range(chunk.start, chunk.stop)], dim=1)  # [m, n, ...]
+                if not len(mine):
+                    continue
+                m, n = noise.shape[:2]
+                rows = idx[:, None].expand(m, n).reshape(-1)
+                timestep = batch.timesteps[rows, steps_global[mine, chunk].reshape(-1)]
+                noise = noise.reshape(m * n, *x0.shape[1:])
+                noisy = scheduler.add_noise(x0[rows], noise, timestep)
                 target = noise if scheduler.config.prediction_type == "epsilon" else \
-                    scheduler.get_velocity(x0[idx], noise, timestep)
+                    scheduler.get_velocity(x0[rows], noise, timestep)
                 noise_pred = predict_noise(self.pipe.unet, noisy.to(device), timestep.to(device),
-                                           prompt_embeds[idx], None, 1.0)
-                loss, _ = rwr_loss(noise_pred.cpu(), target, weights[idx])
-                (loss * scale).backward()
-                stats["loss"].append(loss.item())
+                                           prompt_embeds[rows], None, 1.0)
+                loss, _ = rwr_loss(noise_pred.cpu(), target, weights[idx_global[mine]].repeat_interleave(n))
+                (loss * (n * share * scale)).backward()
+                sums["loss"] += loss.item() * n * share
             if step_after:
-                stats["grad_norm"].append(self._optimizer_step())
+                grad_norms.append(self._optimizer_step())
         # RWR has no ratio: it neither clips nor measures a KL to the sampling policy
         return {"approx_kl": float("nan"), "clipfrac": float("nan"),
-                **{name: float(np.mean(values)) for name, values in stats.items()}}
+                **self._summarise(sums, len(plan) * num_train_steps, grad_norms)}
 
     # -- checkpoints --------------------------------------------------------------------------
 

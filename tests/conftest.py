@@ -49,6 +49,9 @@ def tiny_config(tmp_path=None, **overrides):
         "train.clip_range": 1e-2,
         "advantage.buffer_size": 8,
         "advantage.min_count": 4,
+        # one core per device (colocated: sampler-i and learner-i share it), one torch thread
+        "cluster.sampler.num_cpus": 1,
+        "cluster.learner.num_cpus": 1,
         **({"output_dir": str(tmp_path)} if tmp_path is not None else {}),
         **overrides,
     }

@@ -4,18 +4,38 @@ from pathlib import Path
 
 import yaml
 
+from cluster.placement import Devices, resolve_layout
 from ddpo.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "ddpo train --config configs/sd15_aesthetic.yaml"
 
 
+def _devices(name="sd15_aesthetic", gpus=8.0):
+    config = resolve_layout(load_config(ROOT / "configs" / f"{name}.yaml"), {"CPU": 96.0, "GPU": gpus})
+    return Devices.of(config.cluster)
+
+
 def _asks():
-    """(total CPUs, total GPUs, the largest single actor's (CPUs, GPUs)) of the SD1.5 aesthetic run."""
-    c = load_config(ROOT / "configs" / "sd15_aesthetic.yaml").cluster
-    actors = [c.sampler] * c.num_samplers + [c.reward] * c.num_reward_actors + [c.learner]
-    return (sum(a.num_cpus for a in actors), sum(a.num_gpus for a in actors),
-            max((a.num_cpus, a.num_gpus) for a in actors))
+    """(total CPUs, total GPUs, the largest bundle's (CPUs, GPUs)) of the SD1.5 aesthetic run."""
+    devices = _devices()
+    totals = devices.totals()
+    return (totals["CPU"], totals["GPU"], max((b.get("CPU", 0), b.get("GPU", 0)) for b in devices.bundles))
+
+
+def test_the_sd15_configs_keep_every_gpu_busy():
+    """Each config's layout puts a sampler and a learner rank on every GPU its diffusers work
+    uses (colocated: each GPU samples, then trains), and the reward actors in what is left."""
+    for name, reward_gpus in [("sd15_aesthetic", 0), ("sd15_compressibility", 0), ("sd15_incompressibility", 0),
+                              ("sd15_alignment", 1)]:
+        devices = _devices(name)
+        pairs = [names for names in devices.members if not names[0].startswith("reward")]
+        assert all(len(names) == 2 and names[0].startswith("sampler") and names[1].startswith("learner")
+                   for names in pairs), name
+        # a device bundle per GPU (more than half a GPU each: no two share one), the reward's
+        # whole GPUs beside them, and fractions of a GPU fit in what the devices leave
+        assert all(0.5 < devices.bundles[devices.index[names[0]]]["GPU"] <= 1 for names in pairs), name
+        assert len(pairs) + reward_gpus == 8 and devices.totals()["GPU"] <= 8, name
 
 
 def test_ray_up_cluster_yaml_fits_the_aesthetic_run():
@@ -24,7 +44,7 @@ def test_ray_up_cluster_yaml_fits_the_aesthetic_run():
     assert f"-- {ENTRYPOINT}" in text  # the documented job command
     cpus, gpus, (actor_cpus, actor_gpus) = _asks()
     workers = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
-    assert sum(t["min_workers"] * t["resources"].get("GPU", 0) for t in workers) >= gpus == 8
+    assert sum(t["min_workers"] * t["resources"].get("GPU", 0) for t in workers) >= 8 >= gpus
     assert sum(t["min_workers"] * t["resources"]["CPU"] for t in workers) >= cpus
     assert any(t["resources"]["CPU"] >= actor_cpus and t["resources"].get("GPU", 0) >= actor_gpus for t in workers)
     head_start = " ".join(cluster["head_start_ray_commands"])

@@ -6,6 +6,7 @@ import torch
 from actors.reward import RewardWorker
 from actors.sampler import Sampler
 from ddpo.plan import epoch_plan, fresh_batches
+from ddpo.trajectory import EpochTrajectories
 from learner import Learner
 from tests.conftest import tiny_config
 
@@ -13,7 +14,8 @@ from tests.conftest import tiny_config
 def _epoch(config, sampler, epoch):
     batches = [sampler.sample(s.batch_id, s.prompts, s.seeds) for s in epoch_plan(config, config.load_prompts(), epoch)]
     worker = RewardWorker(config.reward)
-    return [full for full, _ in batches], [rewards for _, rewards, _ in worker.score(*[summary for _, summary in batches])]
+    return (EpochTrajectories.from_batches([full for full, _ in batches]),
+            [rewards for _, rewards, _ in worker.score(*[summary for _, summary in batches])])
 
 
 def test_update_changes_the_lora_and_counts_duplicates(tmp_path):
@@ -73,7 +75,7 @@ def test_earliest_timestep_selection_trains_only_the_noisiest_steps(tmp_path):
         steps, log_prob = [], learner._log_prob
 
         def recording_log_prob(batch, idx, step, *args):
-            steps.append(step.clone())
+            steps.append(step.flatten().clone())
             return log_prob(batch, idx, step, *args)
 
         learner._log_prob = recording_log_prob

@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 EPOCHS = 8
+# one sampler and one learner: resuming a learner group is tests/test_learner_group.py's
 SMALL = ["--set", f"num_epochs={EPOCHS}", "--set", "sample.num_steps=4", "--set", "sample.batch_size=4",
-         "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=4"]
+         "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=4",
+         "--set", "cluster.num_samplers=1", "--set", "cluster.num_learners=1"]
 DDPO = [sys.executable, "-m", "cluster.cli", "train"]
 
 

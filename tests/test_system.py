@@ -19,7 +19,7 @@ def _run(config):
     driver = Driver(config, make_run_dir(config))
     try:
         history = driver.fit()
-        weights = ray.get(driver.learner.weights.remote())
+        weights = ray.get(driver.learners[0].weights.remote())
     finally:
         driver.shutdown()
     return history, weights
@@ -30,14 +30,13 @@ def _metrics(run_dir):
 
 
 def test_broadcast_gives_every_sampler_the_learners_lora(ray_session, tmp_path):
-    config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "cluster.sampler.num_cpus": 1,
-                                      "cluster.learner.num_cpus": 1, "num_epochs": 1})
+    config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "num_epochs": 1})
     driver = Driver(config, make_run_dir(config))
     try:
         driver.fit()  # one update, then the broadcast of version 1
         # each sampler loads version 1 before its next batch (2 batches: one per sampler)
         ray.get([task.summary_ref for task in driver.submit_sampling(1)])
-        version, learner_state = ray.get(driver.learner.weights.remote())
+        version, learner_state = ray.get(driver.learners[0].weights.remote())
         assert version == 1
         for sampler in driver.samplers:
             sampler_version, sampler_state = ray.get(sampler.weights.remote())
@@ -45,7 +44,7 @@ def test_broadcast_gives_every_sampler_the_learners_lora(ray_session, tmp_path):
             assert learner_state.keys() == sampler_state.keys()
             for key in learner_state:
                 assert torch.equal(learner_state[key], sampler_state[key])
-        for name in ["learner", "sampler-0", "sampler-1", "reward-0"]:  # findable by name
+        for name in ["learner-0", "sampler-0", "sampler-1", "reward-0"]:  # findable by name
             assert ray.get_actor(name) is not None
     finally:
         driver.shutdown()
@@ -77,8 +76,7 @@ def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_sess
 
 
 def test_lag1_pipelines_with_versions_one_behind(ray_session, tmp_path):
-    config = tiny_config(tmp_path, **{"num_epochs": 3, "cluster.max_policy_lag": 1,
-                                      "cluster.sampler.num_cpus": 1, "cluster.learner.num_cpus": 1})
+    config = tiny_config(tmp_path, **{"num_epochs": 3, "cluster.max_policy_lag": 1})
     history, (version, _) = _run(config)
     assert version == 3
     assert [m["policy_lag_mean"] for m in history] == [0.0, 1.0, 1.0]
@@ -154,9 +152,9 @@ def test_asking_for_more_than_the_cluster_has_fails_at_once(ray_session, tmp_pat
     config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "cluster.sampler.num_gpus": 0.5})
     with pytest.raises(PlacementError) as info:
         Placement(config)
-    assert str(info.value) == ("cluster: the actors ask for 1 GPU in all (2 samplers, 1 reward actors, 1 learner) "
-                               "but the Ray cluster has 0; lower cluster.*.num_gpus or cluster.num_samplers")
-    config = tiny_config(tmp_path, **{"cluster.num_samplers": 8})
+    assert str(info.value) == ("cluster: the actors ask for 1 GPU in all (2 samplers, 1 learners, 1 reward actors) "
+                               "but the Ray cluster has 0; lower cluster.*.num_gpus or the actor counts")
+    config = tiny_config(tmp_path, **{"cluster.num_samplers": 8, "cluster.layout": "separate"})
     with pytest.raises(PlacementError, match="^cluster: the actors ask for 9 CPU in all"):
         Placement(config)
     config = tiny_config(tmp_path, **{"cluster.sampler.resources": "{sampler_node: 1}"})
@@ -171,7 +169,7 @@ def test_bundles_that_fit_in_total_but_not_on_one_node_fail_within_the_timeout(r
 
     from cluster.placement import Placement, PlacementError
 
-    config = tiny_config(tmp_path, **{"cluster.placement_strategy": "STRICT_SPREAD",
+    config = tiny_config(tmp_path, **{"cluster.placement_strategy": "STRICT_SPREAD", "cluster.layout": "separate",
                                       "cluster.placement_timeout_s": 2})
     start = time.monotonic()
     with pytest.raises(PlacementError, match=r"^cluster: the actors' bundles \(\[\{'CPU': 1\.0\}, "
@@ -189,7 +187,11 @@ def test_actors_run_in_their_bundles(ray_session, tmp_path):
     try:
         table = placement_group_table(driver.placement.group)
         assert table["state"] == "CREATED"
-        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 3  # learner, sampler-0, sampler-1
+        # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
+        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
+        assert driver.placement.options("learner-0")["num_cpus"] == 0.5
+        assert driver.placement.options("sampler-1")["num_cpus"] == 1.0
+        assert driver.placement.threads == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
         driver.fit()
     finally:
         driver.shutdown()
@@ -220,9 +222,10 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp
         driver.shutdown()
     text = "\n".join(scraped)
     for name in ["ray_ddpo_reward_mean", "ray_ddpo_policy_version", "ray_ddpo_samples_total",
-                 "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth"]:
+                 "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth",
+                 "ray_ddpo_busy_fraction"]:
         assert name in text, name
-    for actor, role in [("sampler-0", "sampler"), ("reward-0", "reward"), ("learner", "learner")]:
+    for actor, role in [("sampler-0", "sampler"), ("reward-0", "reward"), ("learner-0", "learner")]:
         assert re.search(rf'ray_ddpo_busy_seconds_total{{[^}}]*actor="{actor}"[^}}]*role="{role}"', text), actor
         assert re.search(rf'ray_ddpo_idle_ratio{{[^}}]*actor="{actor}"', text), actor
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -310,5 +313,5 @@ def test_a_dead_learner_ends_the_run_naming_the_checkpoint_to_resume_from(ray_se
         driver.shutdown()
     checkpoint = max((tmp_path / "lost" / "checkpoints").iterdir())
     assert checkpoint.name >= "epoch_0001"  # no older than checkpoint_every
-    assert message == (f"the actor 'learner' died and was not restarted; go on from {checkpoint} "
+    assert message == (f"the actor 'learner-0' died and was not restarted; go on from {checkpoint} "
                        f"with: ddpo train --resume {tmp_path / 'lost'}")
