@@ -137,7 +137,8 @@ def train(args) -> int:
         print(f"reward_mean: epoch {first['epoch']} {first['reward_mean']:.4f}, "
               f"epoch {last['epoch']} {last['reward_mean']:.4f}")
         busy = busy_summary(history)
-        print("busy: " + ", ".join(f"{role}s {busy[role]:.0%}" for role in busy))
+        print(f"busy: samplers {busy['sampler']:.0%}, learners {busy['learner']:.0%}, "
+              f"reward actors {busy['reward']:.0%}")
         hint = bottleneck_hint(busy, driver.config.cluster.layout, driver.config.cluster.max_policy_lag)
         if hint:
             print(f"bottleneck: {hint}")

@@ -1,6 +1,7 @@
 """`ddpo train` from the command line: user mistakes are one line on stderr, exit status 2."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,9 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(t
     run_dir = tmp_path / "default"
     assert f"run directory: {run_dir.resolve()}" in out.stdout
     assert "Ray dashboard: http://127.0.0.1:" in out.stdout
+    # the layout the default resolved (2 + 2 on a 2-core machine), and each role's busy share
+    assert "\nlayout: colocated, sampler-0 + learner-0 (" in out.stdout
+    assert re.search(r"\nbusy: samplers \d+%, learners \d+%, reward actors \d+%\n", out.stdout), out.stdout
     assert "epochs: 100%" in out.stderr  # the progress bar
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 15

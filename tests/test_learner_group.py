@@ -33,6 +33,13 @@ WEIGHT_ATOL = 1e-4
 TOLERANCE = {"reward_mean": {"rel": 1e-6}, "reward_std": {"rel": 1e-6}, "loss": {"abs": 1e-6},
              "approx_kl": {"abs": 1e-9}, "clipfrac": {"abs": 1e-9}, "grad_norm": {"rel": 1e-4},
              "importance_weight_mean": {"abs": 1e-9}}
+# After the first update the ranks' weights differ by float rounding (above), which can round a
+# pixel of a later epoch's images the other way and change its JPEG by a byte or two. Here the
+# later epochs still came out within TOLERANCE; what they are held to is what such a flip can
+# move: 1e-3 kB of reward, its share of the normalised advantages in the loss, one clipped term.
+RUN_TOLERANCE = {"reward_mean": {"abs": 1e-3}, "reward_std": {"abs": 1e-3}, "loss": {"abs": 1e-3},
+                 "approx_kl": {"rel": 1e-2, "abs": 1e-9}, "clipfrac": {"abs": 0.05}, "grad_norm": {"rel": 1e-2},
+                 "importance_weight_mean": {"abs": 1e-9}}
 
 
 def _run(tmp_path, name, num_learners, num_epochs=EPOCHS, resume_from=None):
@@ -49,6 +56,11 @@ def _run(tmp_path, name, num_learners, num_epochs=EPOCHS, resume_from=None):
 
 def _lora(tmp_path, name, epoch):
     return load_file(str(tmp_path / name / "checkpoints" / f"epoch_{epoch:04d}" / "pytorch_lora_weights.safetensors"))
+
+
+def _distance(a, b):
+    """The L2 norm of the difference of two LoRA states."""
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
 
 
 def _max_difference(a, b):
@@ -112,9 +124,13 @@ def test_a_lag0_run_with_two_learners_reproduces_the_one_learner_run(runs):
     tmp_path, histories = runs
     for one, two in zip(histories[1], histories[2], strict=True):
         assert two["policy_version"] == one["policy_version"]
-        for key, tolerance in TOLERANCE.items():
+        for key, tolerance in (TOLERANCE if one["epoch"] == 0 else RUN_TOLERANCE).items():
             assert two[key] == pytest.approx(one[key], **tolerance), (one["epoch"], key)
-    assert _max_difference(_lora(tmp_path, "k1", EPOCHS - 1), _lora(tmp_path, "k2", EPOCHS - 1)) < WEIGHT_ATOL
+    # the final LoRAs: apart by about 1e-5 of the run's update here (in norm); a pixel
+    # rounded the other way could turn a near-zero gradient's Adam step, so 1% is what is held
+    one, two, first = (_lora(tmp_path, name, epoch) for name, epoch in [("k1", EPOCHS - 1), ("k2", EPOCHS - 1),
+                                                                         ("k1", 0)])
+    assert _distance(two, one) < 1e-2 * _distance(one, first)
     # both ranks worked: the learners' busy fraction is recorded for the run
     assert all(0 < m["busy_learner"] <= 1 for m in histories[2])
 
