@@ -58,6 +58,31 @@ def tiny_config(tmp_path=None, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in settings.items()])
 
 
+def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) -> str:
+    """Run `driver.fit()` while a thread calls `kill()` once `metrics_path` holds
+    `epochs_recorded` lines; the run must end in the actor's death. Shuts the driver down and
+    returns its one-line message about the lost actor."""
+    import threading
+    import time
+
+    import ray
+
+    def kill_after_the_epochs():
+        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= epochs_recorded):
+            time.sleep(0.02)
+        kill()
+
+    killer = threading.Thread(target=kill_after_the_epochs)
+    killer.start()
+    try:
+        with pytest.raises(ray.exceptions.RayActorError) as info:
+            driver.fit()
+        killer.join()
+        return driver.lost_actor_message(info.value)
+    finally:
+        driver.shutdown()
+
+
 @pytest.fixture
 def config(tmp_path):
     return tiny_config(tmp_path)

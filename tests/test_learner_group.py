@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cluster.driver import Driver
 from cluster.run_dir import make_run_dir
-from tests.conftest import tiny_config
+from tests.conftest import fit_until_an_actor_dies, tiny_config
 
 EPOCHS = 3
 # two inner epochs of two minibatches each, gradients accumulated over both: one optimizer
@@ -80,9 +80,6 @@ def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_ran
     minibatch of 4 samples 2 + 2, k = 3 splits it 2 + 1 + 1. Then learner-2 is SIGKILLed while
     the group trains epoch 1: the run ends, naming the rank that died (not rank 0's broken
     all-reduce) and the checkpoint to go on from."""
-    import threading
-    import time
-
     import psutil
 
     group_path, histories = runs
@@ -90,21 +87,7 @@ def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_ran
     driver = Driver(config, make_run_dir(config))
     pid = ray.get(driver.learners[2].__ray_call__.remote(lambda self: __import__("os").getpid()))
     metrics_path = tmp_path / "k3" / "metrics.jsonl"
-
-    def kill_rank_2_after_epoch_0():
-        while not (metrics_path.exists() and metrics_path.read_text().strip()):
-            time.sleep(0.02)
-        psutil.Process(pid).kill()
-
-    killer = threading.Thread(target=kill_rank_2_after_epoch_0)
-    killer.start()
-    try:
-        with pytest.raises(ray.exceptions.RayActorError) as info:
-            driver.fit()
-        killer.join()
-        message = driver.lost_actor_message(info.value)
-    finally:
-        driver.shutdown()
+    message = fit_until_an_actor_dies(driver, metrics_path, 1, psutil.Process(pid).kill)
     assert message == (f"the actor 'learner-2' died and was not restarted; go on from "
                        f"{tmp_path / 'k3' / 'checkpoints' / 'epoch_0000'} with: ddpo train --resume {tmp_path / 'k3'}")
 

@@ -12,7 +12,7 @@ import torch
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import tiny_config
+from tests.conftest import fit_until_an_actor_dies, tiny_config
 
 
 def _run(config):
@@ -286,31 +286,17 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
 
 
 def test_a_dead_learner_ends_the_run_naming_the_checkpoint_to_resume_from(ray_session, tmp_path):
-    import threading
-    import time
-
     import psutil
 
     config = tiny_config(tmp_path, **{"num_epochs": 6, "checkpoint_every": 1, "run_name": "lost"})
-    metrics_path = tmp_path / "lost" / "metrics.jsonl"
     driver = Driver(config, make_run_dir(config))
 
-    def kill_the_learner_after_epoch_1():
-        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 2):
-            time.sleep(0.02)
+    def kill_the_learner():
         for proc in psutil.process_iter(["cmdline"]):
             if " ".join(proc.info["cmdline"] or []).startswith("ray::LearnerActor"):
                 proc.kill()
 
-    killer = threading.Thread(target=kill_the_learner_after_epoch_1)
-    killer.start()
-    try:
-        with pytest.raises(ray.exceptions.RayActorError) as info:
-            driver.fit()
-        killer.join()
-        message = driver.lost_actor_message(info.value)
-    finally:
-        driver.shutdown()
+    message = fit_until_an_actor_dies(driver, tmp_path / "lost" / "metrics.jsonl", 2, kill_the_learner)
     checkpoint = max((tmp_path / "lost" / "checkpoints").iterdir())
     assert checkpoint.name >= "epoch_0001"  # no older than checkpoint_every
     assert message == (f"the actor 'learner-0' died and was not restarted; go on from {checkpoint} "
