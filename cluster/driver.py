@@ -231,12 +231,13 @@ class Driver:
         share of its actors' time spent working (colocated actors share a device)."""
         names = list(self.busy_seconds)
         now = dict(zip(names, ray.get([self.named_actors[n].busy_seconds.remote() for n in names])))
-        busy = {role: 0.0 for role in ROLES}
+        busy, counts = dict.fromkeys(ROLES, 0.0), dict.fromkeys(ROLES, 0)
         for name in names:  # a restarted actor counts from its restart
+            role = name.split("-")[0]
             before = self.busy_seconds[name] if now[name] >= self.busy_seconds[name] else 0.0
-            busy[name.split("-")[0]] += now[name] - before
+            busy[role] += now[name] - before
+            counts[role] += 1
         self.busy_seconds = now
-        counts = {"sampler": len(self.samplers), "learner": len(self.learners), "reward": len(self.reward_actors)}
         return {role: busy[role] / (counts[role] * seconds) for role in ROLES}
 
     def fit(self, start_epoch: int = 0) -> list[dict]:

@@ -50,10 +50,9 @@ def resolve_layout(config: Config, cluster_resources: dict[str, float]) -> Confi
     the counts, the layout, the samplers' and learners' CPUs and torch threads."""
     config = copy.deepcopy(config)
     c = config.cluster
-    reward_cpus = c.num_reward_actors * (0.0 if c.reward.num_cpus == "auto" else c.reward.num_cpus)
-    if c.reward.num_cpus == "auto":
+    if c.reward.num_cpus == "auto":  # a reward actor asks for what its config says, no share
         c.reward.num_cpus = 0.0
-    free_cpus = cluster_resources.get("CPU", 0.0) - reward_cpus
+    free_cpus = cluster_resources.get("CPU", 0.0) - c.num_reward_actors * c.reward.num_cpus
     gpu = _uses_gpu(config, cluster_resources)
     if gpu:  # one device per GPU the reward actors leave whole
         devices = int(cluster_resources.get("GPU", 0.0) - c.num_reward_actors * c.reward.num_gpus)

@@ -2,7 +2,7 @@
 what only makes sense inside Ray (object refs in, torch threads from the layout, the learner
 group's rendezvous). The reward actor lives here; the sampler and the learner, which need
 diffusers and peft, in `cluster.remote_policy`: an actor's process imports the module of its
-class, and a reward actor's start is 5 s shorter without them."""
+class, and importing this one takes 2.6 s against 6.2 s with them (here, on 2 cores)."""
 
 from __future__ import annotations
 
