@@ -1,4 +1,5 @@
-"""The sampler: a diffusers pipeline with the LoRA adapter, producing trajectories as Arrow.
+"""The sampler: a diffusers pipeline (behind its family adapter) with the LoRA adapter,
+producing trajectories as Arrow.
 
 A plain class; the driver runs N of them as Ray actors named `sampler-<i>`.
 """
@@ -17,28 +18,24 @@ from ddpo.trajectory import LATENTS, to_record_batch
 class Sampler:
     def __init__(self, config: Config):
         self.config = config
-        self.pipe = load_policy(config)
+        self.model = load_policy(config)
         self.policy_version = -1  # no weights from the learner yet
 
     def set_weights(self, weights: tuple[int, LoraState]) -> None:
         """Load a broadcast LoRA version in place (a version already held is not reloaded)."""
         version, state = weights
         if version != self.policy_version:
-            load_lora_state(self.pipe.unet, state)
+            load_lora_state(self.model.denoiser, state)
             self.policy_version = version
 
     def weights(self) -> tuple[int, LoraState]:
-        return self.policy_version, get_lora_state(self.pipe.unet)
+        return self.policy_version, get_lora_state(self.model.denoiser)
 
     def sample(self, batch_id: str, prompts: list[str], seeds: list[int]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
         """One sample batch: (the full trajectories, the same rows without latents). The reward
         pool and the driver only need the second; the learner needs the first."""
         if self.policy_version < 0:
             raise RuntimeError("sampler has no policy weights yet: call set_weights first")
-        s = self.config.sample
-        trajectories = sample_trajectories(
-            self.pipe, prompts, seeds, s.num_steps, s.guidance_scale, s.eta, s.height, s.width,
-            s.log_prob_reduction,
-        )
+        trajectories = sample_trajectories(self.model, prompts, seeds, self.config.sample)
         batch = to_record_batch(trajectories, batch_id, self.policy_version)
         return batch, batch.drop_columns([LATENTS])

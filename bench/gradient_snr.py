@@ -28,7 +28,6 @@ from actors.reward import RewardWorker  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
 from ddpo.advantages import PerPromptStatTracker  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
-from ddpo.diffusion import encode_prompts  # noqa: E402
 from ddpo.lora import lora_parameters  # noqa: E402
 from ddpo.plan import SampleBatchSpec  # noqa: E402
 from ddpo.trajectory import to_training_batch  # noqa: E402
@@ -51,7 +50,6 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     learner, sampler, reward = Learner(config), Sampler(config), RewardWorker(config.reward)
     sampler.set_weights(learner.weights())
-    pipe, s = learner.pipe, config.sample
 
     # one large epoch: every prompt equally often, fresh seeds
     prompts = config.load_prompts()
@@ -68,16 +66,14 @@ def main(argv: list[str] | None = None) -> None:
           + "".join(f", {k} mean {np.mean(v):.3f}" for k, v in info.items()
                     if np.asarray(v).dtype.kind in "fib"))
 
-    cfg = s.guidance_scale > 1
-    with torch.no_grad():
-        prompt_embeds, negative = encode_prompts(pipe, spec.prompts, with_negative=cfg)
-    params = lora_parameters(pipe.unet)
+    cond, negative = learner._embeddings(spec.prompts, with_negative=learner.model.uses_cfg(config.sample.guidance_scale))
+    params = lora_parameters(learner.model.denoiser)
     num_steps = batch.log_probs.shape[1]
     grads = np.zeros((num_steps, args.groups, sum(p.numel() for p in params)))
     for g in range(args.groups):
         idx = torch.arange(g * args.group_size, (g + 1) * args.group_size)
         for j in range(num_steps):
-            log_prob = learner._log_prob(batch, idx, torch.full((len(idx), 1), j), prompt_embeds, negative)[:, 0]
+            log_prob = learner._log_prob(batch, idx, torch.full((len(idx), 1), j), cond, negative)[:, 0]
             loss = -(advantages[idx] * log_prob).mean()
             grads[j, g] = torch.cat([p.flatten() for p in torch.autograd.grad(loss, params)]).numpy()
 

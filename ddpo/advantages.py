@@ -1,4 +1,6 @@
-"""Advantages: rewards normalised per prompt, then clipped (DDPO, Sec. 5 "per-prompt stat tracking")."""
+"""Advantages: rewards normalised per prompt, then clipped. Per prompt over a running buffer
+(DDPO, Sec. 5 "per-prompt stat tracking"), or within the epoch's group of samples of the prompt
+(GRPO, as Flow-GRPO)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,20 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """A_i = (r_i - mean) / (std + 1e-6) over the batch (no per-prompt tracking)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+
+
+def group_advantages(prompts: list[str], rewards: np.ndarray, global_std: bool = False) -> np.ndarray:
+    """GRPO: A_i = (r_i - mean_G) / (std_G + 1e-6), where G is the group of this update's samples
+    of prompt c_i (the epoch plan samples each prompt `group_size` times); with `global_std`,
+    std_G is replaced by the std of all the update's rewards."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    prompts_arr = np.asarray(prompts, dtype=object)
+    advantages = np.empty_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        mask = prompts_arr == prompt
+        std = rewards.std() if global_std else rewards[mask].std()
+        advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + 1e-6)
+    return advantages
 
 
 def clip_advantages(advantages: np.ndarray, adv_clip_max: float) -> np.ndarray:

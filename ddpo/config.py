@@ -38,8 +38,10 @@ class ModelConfig:
 class LoraConfig:
     rank: int = 4
     alpha: float = 4.0
-    # UNet attention projections, as the public DDPO implementation.
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # modules that get the adapter; empty: the family's attention projections (the UNet's
+    # to_q/to_k/to_v/to_out.0 as the public DDPO implementation; for SD3 and FLUX, those of the
+    # joint blocks' image and text streams as Flow-GRPO)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class SampleConfig:
     batch_size: int = 8
     # sample batches per epoch; samples per epoch = batch_size * num_batches_per_epoch
     num_batches_per_epoch: int = 4
+    # flow-matching models (SD3, FLUX): a in the Flow-GRPO SDE's noise std a*sqrt(sigma/(1-sigma))
+    noise_level: float = 0.7
     # log p(x_{t-1} | x_t, c) over the latent's elements: `mean` as the public implementation
     # (its hyperparameters assume it), or `sum` for the true Gaussian log density.
     log_prob_reduction: Literal["mean", "sum"] = "mean"
@@ -92,6 +96,9 @@ class TrainConfig:
     # classifier-free guidance in the training forward pass, as in sampling
     cfg: bool = True
     max_grad_norm: float = 1.0
+    # beta of the KL penalty to the reference policy (the base model: the adapter switched off),
+    # loss += beta * ||mu_theta - mu_ref||^2 / (2 sigma^2) per step; 0 = none (no extra forward)
+    kl_coef: float = 0.0
     # DDPO-IS: PPO clip range of the ratio
     clip_range: float = 1e-4
     # advantages are clipped to [-adv_clip_max, adv_clip_max]
@@ -107,11 +114,20 @@ class TrainConfig:
 
 @dataclass
 class AdvantageConfig:
-    per_prompt_stat_tracking: bool = True
-    # running buffer of recent rewards per prompt
+    # `per_prompt_buffer`: rewards normalised by a running buffer of the prompt's recent rewards
+    # (the paper); `group`: GRPO, each prompt sampled `group_size` times per epoch and its
+    # rewards normalised within that group, this epoch's rewards only; `batch`: by the
+    # statistics of the whole update
+    mode: Literal["per_prompt_buffer", "group", "batch"] = "per_prompt_buffer"
+    # per_prompt_buffer: running buffer of recent rewards per prompt
     buffer_size: int = 32
-    # below this many rewards for a prompt, normalise with the batch's statistics
+    # per_prompt_buffer: below this many rewards for a prompt, normalise with the batch's statistics
     min_count: int = 16
+    # group: samples per prompt per epoch (the samples per epoch must be a multiple of it)
+    group_size: int = 8
+    # group: divide by the std of all the update's rewards instead of the group's (Flow-GRPO's
+    # global_std option: groups whose rewards hardly differ are not blown up)
+    global_std: bool = False
 
 
 @dataclass
@@ -376,12 +392,13 @@ def validate(config: Config) -> None:
     _check(config.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
     _check(config.eval_images >= 0, "eval_images: must be >= 0")
     _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
-    _check(len(config.lora.target_modules) > 0, "lora.target_modules: must name at least one module")
     _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
            "prompts.prompts: the prompt list is empty")
     _check(s.num_steps >= 1, "sample.num_steps: must be >= 1")
     _check(s.eta > 0, "sample.eta: must be > 0 (with eta = 0 the DDIM step is deterministic "
                       "and has no log-probability)")
+    _check(s.noise_level > 0, "sample.noise_level: must be > 0 (with no noise the flow step is "
+                              "deterministic and has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sample.guidance_scale: must be >= 1 (1 = no guidance)")
     _check(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
            "sample.height/sample.width: must be positive multiples of 8")
@@ -405,6 +422,11 @@ def validate(config: Config) -> None:
     _check(t.importance_weight_cap > 0, "train.importance_weight_cap: must be > 0")
     _check(t.rwr_beta > 0, "train.rwr_beta: must be > 0")
     _check(0 < t.rwr_top_fraction <= 1, "train.rwr_top_fraction: must be in (0, 1]")
+    _check(t.kl_coef >= 0, "train.kl_coef: must be >= 0")
+    _check(a.group_size >= 2, "advantage.group_size: must be >= 2 (a group of one has no spread)")
+    _check(a.mode != "group" or config.samples_per_epoch % a.group_size == 0,
+           f"advantage.group_size: must divide the samples per epoch "
+           f"({s.batch_size} x {s.num_batches_per_epoch} = {config.samples_per_epoch})")
     _check(a.buffer_size >= 1, "advantage.buffer_size: must be >= 1")
     _check(1 <= a.min_count <= a.buffer_size,
            "advantage.min_count: must be between 1 and advantage.buffer_size")

@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+if TYPE_CHECKING:
+    from ddpo.config import SampleConfig
+    from ddpo.families import Conditioning, ModelFamily
+
 
 def _gather(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[index], broadcast to `like`'s rank ([B] -> [B, 1, 1, 1])."""
     out = values.to(like.device)[index.to(like.device)]
     return out.reshape(out.shape + (1,) * (like.ndim - out.ndim)).to(torch.float32)
+
+
+class GaussianStep(NamedTuple):
+    """One stochastic denoising step x_t -> x_{t-1} ~ N(mean, std^2 I) and the log-prob of the
+    action taken. `mean` (float32) and `std` (broadcastable to it) give the KL between two
+    policies' steps from the same x_t: ||mean_a - mean_b||^2 / (2 std^2)."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor  # [batch]
+    mean: torch.Tensor
+    std: torch.Tensor
 
 
 def ddim_step_with_logprob(
@@ -31,7 +47,7 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     log_prob_reduction: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> GaussianStep:
     """One DDIM step x_t -> x_{t-1} and log p(x_{t-1} | x_t, c) of shape [batch].
 
     Samples x_{t-1} from the step's Gaussian, or, when `prev_sample` is given, scores it instead.
@@ -100,38 +116,7 @@ def ddim_step_with_logprob(
     )
     dims = tuple(range(1, log_prob.ndim))
     log_prob = log_prob.mean(dim=dims) if log_prob_reduction == "mean" else log_prob.sum(dim=dims)
-    return prev_sample, log_prob
-
-
-def predict_noise(
-    unet: torch.nn.Module,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """The UNet's prediction, with classifier-free guidance when `negative_prompt_embeds` is given:
-    eps = eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022)."""
-    timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0])
-    dtype = prompt_embeds.dtype
-    if negative_prompt_embeds is None:
-        return unet(latents.to(dtype), timestep, encoder_hidden_states=prompt_embeds).sample
-    noise_pred = unet(
-        torch.cat([latents, latents]).to(dtype),
-        torch.cat([timestep, timestep]),
-        encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
-    ).sample
-    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-    return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-
-
-def encode_prompts(pipe, prompts: list[str], with_negative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLIP text embeddings of the prompts (and of the empty prompt, for guidance)."""
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompts, pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=with_negative
-    )
-    return prompt_embeds, negative_prompt_embeds if with_negative else None
+    return GaussianStep(prev_sample, log_prob, prev_sample_mean, std_dev_t)
 
 
 @dataclass
@@ -142,90 +127,45 @@ class Trajectories:
     seeds: list[int]
     latents: torch.Tensor  # [B, T+1, C, h, w]: x_T, ..., x_0 in the sampling dtype
     log_probs: torch.Tensor  # [B, T]: log p(x_{t-1} | x_t, c) at each step, float32
-    timesteps: torch.Tensor  # [B, T]: the timestep t of each step, int64
+    timesteps: torch.Tensor  # [B, T]: the timestep t of each step (DDIM: int64; flow: float32)
     images: np.ndarray  # [B, H, W, 3] uint8, decoded from x_0
 
 
 @torch.no_grad()
-def decode_images(pipe, latents: torch.Tensor) -> np.ndarray:
-    """x_0 latents -> uint8 images [B, H, W, 3] through the VAE."""
-    vae = pipe.vae
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-@torch.no_grad()
-def sample_trajectories(
-    pipe,
-    prompts: list[str],
-    seeds: list[int],
-    num_steps: int,
-    guidance_scale: float,
-    eta: float,
-    height: int,
-    width: int,
-    log_prob_reduction: str = "mean",
-) -> Trajectories:
-    """Run the DDIM sampler with per-step log-probs. Sample i depends only on (prompts[i],
-    seeds[i]) and the weights: its initial noise and every step's noise come from its own
-    generator, so the same sample comes out whatever batch it is drawn in."""
+def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int], sample: SampleConfig) -> Trajectories:
+    """Run the family's stochastic sampler with per-step log-probs. Sample i depends only on
+    (prompts[i], seeds[i]) and the weights: its initial noise and every step's noise come from
+    its own generator, so the same sample comes out whatever batch it is drawn in."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
-    unet, scheduler = pipe.unet, pipe.scheduler
-    device = unet.device
-    use_cfg = guidance_scale > 1.0
-    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts, with_negative=use_cfg)
-
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    scale = pipe.vae_scale_factor
-    shape = (len(prompts), unet.config.in_channels, height // scale, width // scale)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=prompt_embeds.dtype)
-    scheduler.set_timesteps(num_steps, device=device)
-    latents = latents * scheduler.init_noise_sigma
+    s = sample
+    use_cfg = model.uses_cfg(s.guidance_scale)
+    cond, negative = model.encode(list(prompts), with_negative=use_cfg)
+    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+    timesteps = model.set_timesteps(s.num_steps, s.height, s.width)
+    latents = model.initial_latents(generators, s.height, s.width, dtype=cond["prompt_embeds"].dtype)
 
     all_latents, all_log_probs = [latents], []
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, t)
-        noise_pred = predict_noise(
-            unet, model_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale
-        )
-        latents, log_prob = ddim_step_with_logprob(
-            scheduler, noise_pred, t, latents, eta=eta, generator=generators,
-            log_prob_reduction=log_prob_reduction,
-        )
+    for t in timesteps:
+        output = model.predict(latents, t, cond, negative, s.guidance_scale)
+        latents, log_prob, _, _ = model.step(output, t, latents, s, generator=generators)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
 
     return Trajectories(
         prompts=list(prompts),
-        seeds=[int(s) for s in seeds],
+        seeds=[int(seed) for seed in seeds],
         latents=torch.stack(all_latents, dim=1).cpu(),
         log_probs=torch.stack(all_log_probs, dim=1).float().cpu(),
-        timesteps=scheduler.timesteps.repeat(len(prompts), 1).long().cpu(),
-        images=decode_images(pipe, latents),
+        timesteps=timesteps.repeat(len(prompts), 1).cpu(),
+        images=model.decode(latents),
     )
 
 
-def step_log_prob(
-    pipe,
-    latents: torch.Tensor,
-    next_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None,
-    guidance_scale: float,
-    eta: float,
-    log_prob_reduction: str = "mean",
-) -> torch.Tensor:
-    """log p_theta(x_{t-1} | x_t, c) of stored steps under the current weights (differentiable).
-    The scheduler must hold the sampling run's `set_timesteps(num_steps)`."""
-    model_input = pipe.scheduler.scale_model_input(latents, timesteps)
-    noise_pred = predict_noise(
-        pipe.unet, model_input, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale
-    )
-    _, log_prob = ddim_step_with_logprob(
-        pipe.scheduler, noise_pred, timesteps, latents, eta=eta, prev_sample=next_latents,
-        log_prob_reduction=log_prob_reduction,
-    )
-    return log_prob
+def step_log_prob(model: ModelFamily, latents: torch.Tensor, next_latents: torch.Tensor, timesteps: torch.Tensor,
+                  cond: Conditioning, negative: Conditioning | None, sample: SampleConfig) -> GaussianStep:
+    """The Gaussian steps x_t -> x_{t-1} of stored transitions under the current weights, with
+    log p_theta(x_{t-1} | x_t, c) (differentiable). The scheduler must hold the sampling run's
+    timesteps (`model.set_timesteps`)."""
+    output = model.predict(latents, timesteps, cond, negative, sample.guidance_scale)
+    return model.step(output, timesteps, latents, sample, prev_sample=next_latents)

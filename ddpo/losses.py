@@ -33,6 +33,15 @@ def ddpo_is_loss(log_prob, log_prob_prox, advantages, importance_weight, clip_ra
     return loss, diagnostics
 
 
+def kl_to_reference(mean, mean_ref, std, reduction: str = "mean"):
+    """KL(p_theta || p_ref) of one step's two Gaussians, which share their std sigma (it depends
+    on the schedule only): KL = ||mu_theta - mu_ref||^2 / (2 sigma^2), averaged (`mean`, as the
+    log-prob) or summed over the latent's elements; shape [B]."""
+    kl = (mean - mean_ref) ** 2 / (2 * std**2)
+    dims = tuple(range(1, kl.ndim))
+    return kl.mean(dim=dims) if reduction == "mean" else kl.sum(dim=dims)
+
+
 def importance_weight(log_prob_prox, log_prob_behaviour, cap):
     """Truncated importance weight w = min(c, p_prox / p_behaviour) (V-trace's rho-bar)."""
     return torch.clamp(torch.exp(log_prob_prox - log_prob_behaviour), max=cap)

@@ -15,11 +15,16 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from ddpo.families import ModelFamily, family_named
+
 BUILTIN_TINY = "builtin:tiny"
 # embedded diffusers folders, loaded through the same from_pretrained path as any other folder
 BUILTIN_FOLDERS = {
     # a tiny text-to-image model of scikit-learn's digits (scripts/train_digits.py)
     "builtin:digits": Path(__file__).resolve().parent / "assets" / "digits",
+    # its flow-matching twin: a tiny StableDiffusion3Pipeline (SD3 transformer, two CLIP encoders,
+    # no T5) on the same VAE and text encoder, trained by rectified flow (same script)
+    "builtin:digits-flow": Path(__file__).resolve().parent / "assets" / "digits-flow",
 }
 
 # Words the tiny tokenizer knows; anything else maps to [UNK]. Enough for the default prompts
@@ -146,46 +151,64 @@ def load_pipeline(
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
-) -> StableDiffusionPipeline:
-    """The frozen pipeline for sampling and training, on `device` in `dtype`, with a DDIM
-    scheduler and no safety checker. Raises ModelLoadError with a one-line message."""
+) -> ModelFamily:
+    """The frozen pipeline for sampling and training, behind its family's adapter
+    (`ddpo.families`), on `device` in `dtype`. Raises ModelLoadError with a one-line message."""
     torch_dtype = getattr(torch, dtype)
     if pretrained == BUILTIN_TINY:
         pipe = build_tiny_pipeline(seed)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
+        family = family_named(type(pipe).__name__)
     else:
         source = check_pretrained(pretrained, revision)
         source = str(BUILTIN_FOLDERS.get(source, source))
+        index = model_index(source, revision)
+        try:
+            family = family_named(index.get("_class_name", "?"))
+        except ValueError as err:
+            raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
+        # components the folder does without (SD3 without T5): from_pretrained wants them named
+        absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source,
-                revision=revision, torch_dtype=torch_dtype, safety_checker=None,
-                requires_safety_checker=False,
-            )
+            pipe = family.pipeline_class.from_pretrained(source, revision=revision, dtype=torch_dtype,
+                                                         **{**absent, **family.load_kwargs})
         except Exception as err:  # a broken folder or download: many types, one line
             raise ModelLoadError(
-                f"model.pretrained: cannot load '{pretrained}' as a Stable Diffusion pipeline "
+                f"model.pretrained: cannot load '{pretrained}' as a {family.pipeline_class.__name__} "
                 f"({_one_line(err)})"
             ) from None
         finally:
             diffusers_logging.set_verbosity(verbosity)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    pipe = family.prepare(pipe)
+    model = family(pipe)
+    for module in model.frozen_modules():
         module.requires_grad_(False)
-    return pipe.to(resolve_device(device))
+    pipe.to(resolve_device(device))
+    return model
 
 
-def load_policy(config) -> StableDiffusionPipeline:
+def model_index(source: str, revision: str | None = None) -> dict:
+    """A diffusers pipeline's model_index.json (a local folder's, or a hub repo's)."""
+    import json
+
+    if Path(source).is_dir():
+        return json.loads((Path(source) / "model_index.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
+
+
+def load_policy(config) -> ModelFamily:
     """The policy p_theta: the frozen pipeline of `config.model` with the LoRA adapter of
-    `config.lora` attached (the same initial adapter everywhere, from `config.seed`)."""
+    `config.lora` on its denoiser (the same initial adapter everywhere, from `config.seed`)."""
     from ddpo.lora import attach_lora
 
-    pipe = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
-                         config.model.dtype, seed=config.seed)
+    model = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
+                          config.model.dtype, seed=config.seed)
     lora = config.lora
-    attach_lora(pipe.unet, lora.rank, lora.alpha, lora.target_modules, seed=config.seed)
-    return pipe
+    attach_lora(model.denoiser, lora.rank, lora.alpha, lora.target_modules or model.default_lora_targets,
+                seed=config.seed)
+    return model

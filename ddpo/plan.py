@@ -20,15 +20,26 @@ class SampleBatchSpec:
     seeds: list[int]
 
 
+def _group_prompts(config: Config, prompts: list[str], rng: np.random.Generator) -> list[str]:
+    """GRPO's epoch (`advantage.mode: group`): groups of `group_size` copies of one prompt, the
+    groups' prompts all different while the prompt list lasts."""
+    size = config.advantage.group_size
+    num_groups = config.samples_per_epoch // size
+    picks = np.concatenate([rng.permutation(len(prompts)) for _ in range(-(-num_groups // len(prompts)))])
+    return [prompts[i] for i in picks[:num_groups] for _ in range(size)]
+
+
 def epoch_plan(config: Config, prompts: list[str], epoch: int) -> list[SampleBatchSpec]:
     rng = np.random.default_rng([config.seed, epoch])
     size = config.sample.batch_size
+    grouped = _group_prompts(config, prompts, rng) if config.advantage.mode == "group" else None
     specs = []
     for b in range(config.sample.num_batches_per_epoch):
         first = (epoch * config.sample.num_batches_per_epoch + b) * size
         specs.append(SampleBatchSpec(
             batch_id=f"e{epoch}-b{b}",
-            prompts=[prompts[i] for i in rng.integers(0, len(prompts), size)],
+            prompts=(grouped[b * size:(b + 1) * size] if grouped is not None
+                     else [prompts[i] for i in rng.integers(0, len(prompts), size)]),
             seeds=[config.seed * 1_000_000_007 + first + i for i in range(size)],
         ))
     return specs

@@ -1,4 +1,4 @@
-"""The learner: advantages, then DDPO-IS / DDPO-SF / RWR updates of the UNet's LoRA.
+"""The learner: advantages, then DDPO-IS / DDPO-SF / RWR updates of the denoiser's LoRA.
 
 A plain class (no Ray): `cluster/` wraps it as the actors `learner-<rank>`. One call of
 `train()` is one update (the paper's "iteration"): it consumes an epoch's trajectories and their
@@ -22,15 +22,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
-from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
 from ddpo.config import Config, TrainConfig
-from ddpo.diffusion import encode_prompts, predict_noise, step_log_prob
-from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, save_lora
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
+from ddpo.diffusion import step_log_prob
+from ddpo.families import concat, take
+from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, reference_policy, save_lora
+from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, kl_to_reference, rwr_loss, rwr_weights
 from ddpo.pipeline import load_policy
 from ddpo.trajectory import EpochTrajectories, TrainingBatch, to_training_batch
 
@@ -43,11 +42,12 @@ class Learner:
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         self.config = config
         self.rank, self.world_size = rank, world_size
-        self.pipe = load_policy(config)
-        self.pipe.scheduler.set_timesteps(config.sample.num_steps, device=self.pipe.unet.device)
+        self.model = load_policy(config)
+        s = config.sample
+        self.model.set_timesteps(s.num_steps, s.height, s.width)
         t = config.train
         self.optimizer = torch.optim.AdamW(
-            lora_parameters(self.pipe.unet), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+            lora_parameters(self.model.denoiser), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
         )
         a = config.advantage
@@ -59,7 +59,7 @@ class Learner:
     def join_group(self, init_method: str, hostname: str) -> None:
         """Join the learner group's process group (`world_size` > 1): NCCL on GPU, gloo on CPU
         with its sockets on `hostname` (in Ray, this node's address)."""
-        device = self.pipe.unet.device
+        device = self.model.device
         if device.type == "cuda":
             dist.init_process_group("nccl", init_method=init_method, rank=self.rank,
                                     world_size=self.world_size, device_id=device)
@@ -79,7 +79,7 @@ class Learner:
 
     def weights(self) -> tuple[int, LoraState]:
         """(policy_version, LoRA state): what gets broadcast to the samplers."""
-        return self.policy_version, get_lora_state(self.pipe.unet)
+        return self.policy_version, get_lora_state(self.model.denoiser)
 
     # -- one update ---------------------------------------------------------------------------
 
@@ -96,9 +96,12 @@ class Learner:
         reward = np.concatenate([np.asarray(rewards[i], dtype=np.float64) for i in fresh])
         versions = torch.tensor([epoch.policy_versions[i] for i in fresh for _ in epoch.prompts[i]])
 
-        # advantages: per-prompt normalised rewards, clipped (every rank: all rewards)
-        if self.config.advantage.per_prompt_stat_tracking:
+        # advantages: normalised rewards, clipped (every rank: all rewards)
+        a = self.config.advantage
+        if a.mode == "per_prompt_buffer":
             advantages = self.stat_tracker.update(prompts, reward)
+        elif a.mode == "group":
+            advantages = group_advantages(prompts, reward, a.global_std)
         else:
             advantages = batch_advantages(reward)
         advantages = torch.as_tensor(
@@ -147,31 +150,31 @@ class Learner:
         return to_training_batch(table)
 
     def _embeddings(self, prompts: list[str], with_negative: bool):
-        """Text embeddings of all prompts, computed once per update (the text encoder is frozen)."""
+        """The conditioning of all prompts, computed once per update (the text encoders are
+        frozen): (prompts', the empty prompt's or None)."""
         chunks = [prompts[i:i + self.config.train.batch_size]
                   for i in range(0, len(prompts), self.config.train.batch_size)]
         with torch.no_grad():
-            encoded = [encode_prompts(self.pipe, chunk, with_negative) for chunk in chunks]
-        prompt_embeds = torch.cat([e[0] for e in encoded])
-        negative = torch.cat([e[1] for e in encoded]) if with_negative else None
-        return prompt_embeds, negative
+            encoded = [self.model.encode(chunk, with_negative) for chunk in chunks]
+        return concat([e[0] for e in encoded]), concat([e[1] for e in encoded])
 
-    def _log_prob(self, batch: TrainingBatch, idx, steps, prompt_embeds, negative):
+    def _log_prob(self, batch: TrainingBatch, idx, steps, cond, negative, kl: bool = False):
         """log p_theta(x_{t-1} | x_t, c) for samples `idx` [m] at their step indices `steps`
-        [m, n], as [m, n]: the n steps of all m samples go through the UNet as one batch."""
-        device = self.pipe.unet.device
+        [m, n], as [m, n]: the n steps of all m samples go through the denoiser as one batch.
+        With `kl`, also the KL of each step to the reference policy's, [m, n]."""
+        device = self.model.device
         s = self.config.sample
         m, n = steps.shape
         rows, cols = idx[:, None].expand(m, n).reshape(-1), steps.reshape(-1)
-        return step_log_prob(
-            self.pipe,
-            batch.latents[rows, cols].to(device),
-            batch.latents[rows, cols + 1].to(device),
-            batch.timesteps[rows, cols].to(device),
-            prompt_embeds[rows],
-            None if negative is None else negative[rows],
-            s.guidance_scale, s.eta, s.log_prob_reduction,
-        ).cpu().reshape(m, n)
+        transition = (batch.latents[rows, cols].to(device), batch.latents[rows, cols + 1].to(device),
+                      batch.timesteps[rows, cols].to(device), take(cond, rows), take(negative, rows), s)
+        step = step_log_prob(self.model, *transition)
+        if not kl:
+            return step.log_prob.cpu().reshape(m, n)
+        with torch.no_grad(), reference_policy(self.model.denoiser):
+            reference = step_log_prob(self.model, *transition)
+        kl_ref = kl_to_reference(step.mean, reference.mean, step.std, s.log_prob_reduction)
+        return step.log_prob.cpu().reshape(m, n), kl_ref.cpu().reshape(m, n)
 
     def _step_chunks(self, num_steps: int) -> list[slice]:
         """Groups of `train.timesteps_per_forward` step positions, in order."""
@@ -212,7 +215,7 @@ class Learner:
         return plan
 
     def _optimizer_step(self) -> float:
-        params = lora_parameters(self.pipe.unet)
+        params = lora_parameters(self.model.denoiser)
         if self.world_size > 1:  # one all-reduce of all LoRA gradients: the whole minibatch's
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             flat = self._all_reduce(torch.cat([g.reshape(-1) for g in grads]))
@@ -235,7 +238,7 @@ class Learner:
         t, s = self.config.train, self.config.sample
         num_steps = self.config.sample.num_steps
         num_train_steps = _num_train_steps(t, num_steps)
-        prompt_embeds, negative = self._embeddings(batch.prompts, with_negative=t.cfg and s.guidance_scale > 1)
+        cond, negative = self._embeddings(batch.prompts, with_negative=t.cfg and self.model.uses_cfg(s.guidance_scale))
 
         # the proximal policy: the learner's weights at the start of this update. For batches
         # sampled with these very weights (lag 0) the stored log-probs are exactly that.
@@ -248,12 +251,14 @@ class Learner:
                 idx = stale[start:start + t.batch_size]
                 for chunk in self._step_chunks(num_steps):
                     steps = torch.arange(num_steps)[chunk].expand(len(idx), -1)
-                    log_prob_prox[idx, chunk] = self._log_prob(batch, idx, steps, prompt_embeds, negative)
+                    log_prob_prox[idx, chunk] = self._log_prob(batch, idx, steps, cond, negative)
         weight = importance_weight(log_prob_prox, log_prob_behaviour, t.importance_weight_cap)
         time_proximal = time.perf_counter() - proximal_start
 
         # the same names on every rank: a rank with no samples in a minibatch adds zeros
-        names = ["loss", "importance_weight_mean"] + (["approx_kl", "clipfrac"] if t.algorithm == "ddpo_is" else [])
+        with_kl = t.kl_coef > 0
+        names = (["loss", "importance_weight_mean"] + (["approx_kl", "clipfrac"] if t.algorithm == "ddpo_is" else [])
+                 + (["kl_ref"] if with_kl else []))
         sums, grad_norms = dict.fromkeys(names, 0.0), []
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
         for idx_global, steps_global, step_after in plan:
@@ -263,13 +268,18 @@ class Learner:
             for chunk in self._step_chunks(num_train_steps) if len(mine) else []:
                 steps = steps_global[mine, chunk]
                 n = steps.shape[1]
-                log_prob = self._log_prob(batch, idx, steps, prompt_embeds, negative)
+                log_prob = self._log_prob(batch, idx, steps, cond, negative, kl=with_kl)
+                if with_kl:
+                    log_prob, kl_ref = log_prob
                 terms = (adv[:, None].expand_as(steps), weight[idx[:, None], steps])
                 if t.algorithm == "ddpo_is":
                     loss, diag = ddpo_is_loss(log_prob, log_prob_prox[idx[:, None], steps], terms[0],
                                               terms[1], t.clip_range)
                 else:
                     loss, diag = ddpo_sf_loss(log_prob, *terms)
+                if with_kl:  # L + beta * KL(p_theta || p_ref)
+                    loss = loss + t.kl_coef * kl_ref.mean()
+                    diag["kl_ref"] = kl_ref.detach().mean()
                 # the mean over the n steps' terms counts n times: as n separate steps would
                 (loss * (n * share * scale)).backward()
                 for name, value in {"loss": loss, "importance_weight_mean": terms[1].mean(), **diag}.items():
@@ -284,11 +294,10 @@ class Learner:
         """Reward-weighted regression on the final samples x_0: the ordinary denoising loss at the
         trajectory's timesteps, each sample weighted by exp(A / beta) or a top-k 0/1 weight."""
         t = self.config.train
-        device = self.pipe.unet.device
-        scheduler = self.pipe.scheduler
+        device = self.model.device
         num_train_steps = _num_train_steps(t, self.config.sample.num_steps)
         weights = rwr_weights(advantages, beta=t.rwr_beta, top_fraction=t.rwr_top_fraction if t.rwr_sparse else None)
-        prompt_embeds, _ = self._embeddings(batch.prompts, with_negative=False)
+        cond, _ = self._embeddings(batch.prompts, with_negative=False)
         x0 = batch.latents[:, -1].float()
 
         sums, grad_norms = {"loss": 0.0}, []
@@ -307,12 +316,10 @@ class Learner:
                 rows = idx[:, None].expand(m, n).reshape(-1)
                 timestep = batch.timesteps[rows, steps_global[mine, chunk].reshape(-1)]
                 noise = noise.reshape(m * n, *x0.shape[1:])
-                noisy = scheduler.add_noise(x0[rows], noise, timestep)
-                target = noise if scheduler.config.prediction_type == "epsilon" else \
-                    scheduler.get_velocity(x0[rows], noise, timestep)
-                noise_pred = predict_noise(self.pipe.unet, noisy.to(device), timestep.to(device),
-                                           prompt_embeds[rows], None, 1.0)
-                loss, _ = rwr_loss(noise_pred.cpu(), target, weights[idx_global[mine]].repeat_interleave(n))
+                noisy, target = self.model.noised(x0[rows], noise, timestep)
+                prediction = self.model.predict(noisy.to(device), timestep.to(device), take(cond, rows), None,
+                                                self.config.sample.guidance_scale)
+                loss, _ = rwr_loss(prediction.float().cpu(), target, weights[idx_global[mine]].repeat_interleave(n))
                 (loss * (n * share * scale)).backward()
                 sums["loss"] += loss.item() * n * share
             if step_after:
@@ -331,7 +338,7 @@ class Learner:
             return None
         directory = Path(root) / f"epoch_{self.policy_version - 1:04d}"
         directory.mkdir(parents=True, exist_ok=True)
-        save_lora(self.pipe.unet, directory)
+        save_lora(self.model, directory)
         optimizer = self.optimizer.state_dict()
         tensors = {"generator_state": self.generator.get_state()}
         for index, state in optimizer["state"].items():
@@ -350,9 +357,7 @@ class Learner:
         """Restore everything `save_checkpoint` wrote, so that training goes on exactly as if it
         had never stopped; returns the policy version (the number of epochs trained)."""
         directory = Path(directory)
-        state, _ = StableDiffusionPipeline.lora_state_dict(str(directory))
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        load_lora_state(self.pipe.unet, convert_unet_state_dict_to_peft(unet_state))
+        load_lora_state(self.model.denoiser, self.model.read_lora(directory))
         tensors = load_file(str(directory / "learner_state.safetensors"))
         meta = json.loads((directory / "learner_state.json").read_text())
         self.generator.set_state(tensors.pop("generator_state"))

@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "jpeg_incompressibility": "rewards.jpeg:jpeg_incompressibility",
     "prompt_alignment": "rewards.alignment:PromptAlignment",
     "aesthetic": "rewards.aesthetic:AestheticScore",
+    "pickscore": "rewards.pickscore:PickScore",
     "digit_judge": "rewards.digits:DigitJudge",
 }
 

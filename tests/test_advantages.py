@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages
+from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
+from ddpo.plan import epoch_plan
+from tests.conftest import tiny_config
 
 
 def test_batch_statistics_until_a_prompt_has_min_count():
@@ -40,3 +42,35 @@ def test_batch_advantages_and_clipping():
     assert adv.mean() == pytest.approx(0.0, abs=1e-9)
     assert adv.std() == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_array_equal(clip_advantages(np.array([-7.0, 0.5, 9.0]), 5.0), [-5.0, 0.5, 5.0])
+
+
+def test_group_advantages_by_hand():
+    prompts = ["a", "b", "a", "b", "a", "b"]
+    rewards = np.array([1.0, 10.0, 2.0, 10.0, 3.0, 13.0])
+    adv = group_advantages(prompts, rewards)
+    # group a: 1, 2, 3 (mean 2, std sqrt(2/3)); group b: 10, 10, 13 (mean 11, std sqrt(2))
+    a, b = 1 / (np.sqrt(2 / 3) + 1e-6), 1 / (np.sqrt(2) + 1e-6)
+    np.testing.assert_allclose(adv, [-a, -b, 0, -b, a, 2 * b])
+    # global_std: one std for all, the spread of the whole update
+    std = rewards.std()
+    np.testing.assert_allclose(group_advantages(prompts, rewards, global_std=True),
+                               np.array([-1, -1, 0, -1, 1, 2]) / (std + 1e-6))
+
+
+def test_the_group_plan_samples_each_prompt_group_size_times():
+    config = tiny_config(None, **{"advantage.mode": "group", "advantage.group_size": 4, "sample.batch_size": 4,
+                                  "sample.num_batches_per_epoch": 3, "train.batch_size": 4})
+    prompts = config.load_prompts()  # 4 prompts, 3 groups an epoch: 3 different prompts
+    for epoch in range(3):
+        epoch_prompts = [p for spec in epoch_plan(config, prompts, epoch) for p in spec.prompts]
+        groups = [epoch_prompts[i:i + 4] for i in range(0, 12, 4)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 3
+    seeds = [s for spec in epoch_plan(config, prompts, 0) for s in spec.seeds]
+    assert len(set(seeds)) == 12  # a group's samples differ by their seeds
+
+
+def test_group_size_must_divide_the_epoch():
+    from ddpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^advantage.group_size: must divide the samples per epoch \(4 x 2 = 8\)"):
+        tiny_config(None, **{"advantage.mode": "group", "advantage.group_size": 3})

@@ -45,7 +45,7 @@ def test_sd15_configs_carry_the_papers_numbers(name):
     assert (samples_per_step, config.samples_per_epoch // samples_per_step) == (64, 4)  # 4 optimizer steps
     assert (t.algorithm, t.num_inner_epochs, t.timestep_fraction, t.cfg) == ("ddpo_is", 1, 1.0, True)
     assert (t.learning_rate, t.clip_range, t.adv_clip_max, t.max_grad_norm) == (3e-4, 1e-4, 5.0, 1.0)
-    assert (a.per_prompt_stat_tracking, a.buffer_size, a.min_count) == (True, 32, 16)
+    assert (a.mode, a.buffer_size, a.min_count) == ("per_prompt_buffer", 32, 16)
     assert c.max_policy_lag == 0
     assert (c.layout, c.num_learners) == ("colocated", c.num_samplers)  # tests/test_cluster_examples.py: the GPUs
 

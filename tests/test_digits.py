@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpo.config import SampleConfig
 from ddpo.diffusion import sample_trajectories
 from ddpo.pipeline import BUILTIN_FOLDERS, ModelLoadError, check_pretrained, load_pipeline
 from rewards import RewardError, compute_reward, load_reward
@@ -32,10 +33,10 @@ def heldout():
 def test_the_embedded_model_loads_through_from_pretrained_and_samples_offline():
     assert check_pretrained("builtin:digits") == "builtin:digits"
     pipe = load_pipeline("builtin:digits")
-    assert pipe.name_or_path == str(BUILTIN_FOLDERS["builtin:digits"])  # from_pretrained's folder
-    assert pipe.unet.dtype == torch.float32
-    images = sample_trajectories(pipe, ["a handwritten digit three", ""], [0, 1], num_steps=4,
-                                 guidance_scale=3.0, eta=1.0, height=16, width=16).images
+    assert pipe.pipe.name_or_path == str(BUILTIN_FOLDERS["builtin:digits"])  # from_pretrained's folder
+    assert pipe.denoiser.dtype == torch.float32
+    sample = SampleConfig(num_steps=4, guidance_scale=3.0, eta=1.0, height=16, width=16)
+    images = sample_trajectories(pipe, ["a handwritten digit three", ""], [0, 1], sample).images
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     assert images.std() > 20  # ink on paper, not a flat or noise image
     with pytest.raises(ModelLoadError, match=r"^model.pretrained: unknown 'builtin:digit'; the builtin models are"):

@@ -74,9 +74,9 @@ def test_earliest_timestep_selection_trains_only_the_noisiest_steps(tmp_path):
         sampler.set_weights(learner.weights())
         steps, log_prob = [], learner._log_prob
 
-        def recording_log_prob(batch, idx, step, *args):
+        def recording_log_prob(batch, idx, step, *args, **kwargs):
             steps.append(step.flatten().clone())
-            return log_prob(batch, idx, step, *args)
+            return log_prob(batch, idx, step, *args, **kwargs)
 
         learner._log_prob = recording_log_prob
         learner.train(*_epoch(config, sampler, 0))
@@ -86,3 +86,22 @@ def test_earliest_timestep_selection_trains_only_the_noisiest_steps(tmp_path):
     # the first half of the denoising steps (the noisiest), each sample's in shuffled order
     assert set(trained["earliest"].tolist()) == set(range(num_train))
     assert trained["random"].max() >= num_train and trained["random"].max() < num_steps
+
+
+def test_the_kl_to_the_reference_starts_at_zero_and_pulls_back(tmp_path):
+    """The reference is the same network with the adapter off: before the first optimizer step
+    the LoRA is the identity, so the KL is exactly 0 (and so is its gradient); after training it
+    is positive, and from the second update on a large beta pulls the policy back towards the
+    reference, measured at the start of the third."""
+    kl_after = {}
+    for beta in (0.0, 1e4):
+        config = tiny_config(tmp_path, **{"train.kl_coef": 1e-9 if beta == 0 else beta, "train.batch_size": 8,
+                                           "train.learning_rate": 3e-2})
+        learner, sampler = Learner(config), Sampler(config)
+        sampler.set_weights(learner.weights())
+        first = learner.train(*_epoch(config, sampler, 0))  # one minibatch: one optimizer step
+        assert first["kl_ref"] == 0.0
+        for epoch in (1, 2):
+            sampler.set_weights(learner.weights())
+            kl_after[beta] = learner.train(*_epoch(config, sampler, epoch))["kl_ref"]
+    assert kl_after[0.0] > 0 and kl_after[1e4] < kl_after[0.0]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, rwr_loss, rwr_weights
+from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, kl_to_reference, rwr_loss, rwr_weights
 
 
 def t(*values):
@@ -86,3 +86,16 @@ def test_rwr_loss_is_the_weighted_denoising_loss():
     noise_pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
     loss, _ = rwr_loss(noise_pred, noise, torch.tensor([0.5, 1.5]))
     assert float(loss) == pytest.approx((0.5 * 1.0 + 1.5 * 4.0) / 2)
+
+
+def test_kl_to_the_reference_is_that_of_two_gaussians_with_one_std():
+    """KL(N(mu, s^2) || N(mu_ref, s^2)) = (mu - mu_ref)^2 / (2 s^2) per element, checked against
+    torch.distributions and reduced as the log-prob (mean or sum over the latent)."""
+    g = torch.Generator().manual_seed(0)
+    mean, mean_ref = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.5, 2.0], dtype=torch.float64).view(2, 1, 1)
+    reference = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std.expand_as(mean)),
+                                                  torch.distributions.Normal(mean_ref, std.expand_as(mean)))
+    torch.testing.assert_close(kl_to_reference(mean, mean_ref, std), reference.mean(dim=(1, 2)))
+    torch.testing.assert_close(kl_to_reference(mean, mean_ref, std, "sum"), reference.sum(dim=(1, 2)))
+    assert kl_to_reference(mean, mean, std).abs().max() == 0

@@ -36,6 +36,9 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     deadline = time.monotonic() + 300
     while len(_metrics(interrupted)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it could be interrupted:\n{out[-2000:]}\n{err[-4000:]}")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

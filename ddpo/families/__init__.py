@@ -1,0 +1,178 @@
+"""Model families behind one seam. The sampler and the learner never touch a UNet or a
+transformer directly: they ask a family adapter to encode prompts, predict (with guidance), step
+with a log-prob, and decode.
+
+A family is one module of this package with one `ModelFamily` subclass that names the diffusers
+pipeline classes it serves (`class_names`, as in a pipeline folder's `model_index.json`).
+Adding a family is adding a file here: the registry below finds it.
+
+Latents are unpacked, [B, C, h, w], in every family (FLUX packs them inside its forward), so a
+trajectory, its Gaussian steps and their log-probs look the same for all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ddpo.config import SampleConfig
+from ddpo.diffusion import GaussianStep
+
+# a prompt's conditioning: tensors with the batch first (text embeddings, pooled embeddings, ...)
+Conditioning = dict[str, torch.Tensor]
+
+
+def take(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
+    return None if cond is None else {k: v[rows.to(v.device)] for k, v in cond.items()}
+
+
+def concat(conds: list[Conditioning | None]) -> Conditioning | None:
+    if conds[0] is None:
+        return None
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class ModelFamily:
+    """One family of text-to-image pipelines. Subclasses give the class attributes and the
+    methods that raise NotImplementedError; the rest is shared."""
+
+    class_names: ClassVar[tuple[str, ...]] = ()  # the pipelines' `_class_name`s
+    pipeline_class: ClassVar[type]  # the diffusers pipeline class that loads the folder
+    denoiser_name: ClassVar[str] = "unet"  # the module that carries the LoRA ("unet", "transformer")
+    default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    load_kwargs: ClassVar[dict] = {}  # extra `from_pretrained` arguments
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def prepare(cls, pipe):
+        """The loaded pipeline made ready to sample and train (scheduler, no progress bars)."""
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    # -- what every family does its own way ---------------------------------------------------
+
+    def set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """Put the sampling schedule into the scheduler; returns its timesteps."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str], with_negative: bool) -> tuple[Conditioning, Conditioning | None]:
+        """The prompts' conditioning and, for classifier-free guidance, the empty prompt's."""
+        raise NotImplementedError
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                guidance_scale: float) -> torch.Tensor:
+        """The denoiser's raw output (noise, velocity) for latents [B, C, h, w] at timesteps [B]."""
+        raise NotImplementedError
+
+    def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor,
+             sample: SampleConfig, prev_sample: torch.Tensor | None = None,
+             generator=None) -> GaussianStep:
+        """One stochastic step with the log-prob of its action (ddpo/diffusion.py, ddpo/flow.py)."""
+        raise NotImplementedError
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """(x_t, the denoiser's training target) for the ordinary denoising loss (RWR)."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """x_0 latents -> uint8 images [B, H, W, 3]."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether guidance runs the denoiser twice (classifier-free guidance)."""
+        return guidance_scale > 1.0
+
+    def initial_latents(self, generators: list[torch.Generator], height: int, width: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """x_T: each sample's noise from its own generator."""
+        shape = (len(generators), *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=dtype)
+
+    def predict(self, latents: torch.Tensor, timesteps, cond: Conditioning, negative: Conditioning | None,
+                guidance_scale: float) -> torch.Tensor:
+        """The prediction, with classifier-free guidance when `negative` is given:
+        out = out_uncond + w (out_cond - out_uncond) (Ho & Salimans 2022)."""
+        timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
+        dtype = self.denoiser.dtype
+        if negative is None:
+            return self.forward(latents.to(dtype), timesteps, cond, guidance_scale)
+        both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
+        out = self.forward(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]),
+                           both, guidance_scale)
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    def lora_layers(self, peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's peft state in the layout the pipeline's `save_lora_weights` expects."""
+        return peft_state
+
+    def save_lora(self, peft_state: dict[str, torch.Tensor], metadata: dict, directory: str | Path) -> None:
+        """Write a LoRA that `pipeline_class.load_lora_weights(directory)` loads."""
+        self.pipeline_class.save_lora_weights(
+            str(directory),
+            **{f"{self.denoiser_name}_lora_layers": self.lora_layers(peft_state),
+               f"{self.denoiser_name}_lora_adapter_metadata": metadata},
+            safe_serialization=True,
+        )
+
+    def read_lora(self, directory: str | Path) -> dict[str, torch.Tensor]:
+        """A saved LoRA's weights as the denoiser's peft state."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state = self.pipeline_class.lora_state_dict(str(directory))
+        state = state[0] if isinstance(state, tuple) else state
+        prefix = f"{self.denoiser_name}."
+        return convert_unet_state_dict_to_peft(
+            {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+
+def _families() -> dict[str, type[ModelFamily]]:
+    """Every family module of this package, by the pipeline class names it serves."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, ModelFamily) and value.__module__ == module.__name__:
+                found.update(dict.fromkeys(value.class_names, value))
+    return found
+
+
+def family_named(class_name: str) -> type[ModelFamily]:
+    families = _families()
+    if class_name not in families:
+        raise ValueError(f"'{class_name}' pipelines are not supported; the model families are "
+                         f"{sorted(families)}")
+    return families[class_name]
+
+
+def family_of(pipe) -> ModelFamily:
+    """The adapter for a pipeline object."""
+    return family_named(type(pipe).__name__)(pipe)

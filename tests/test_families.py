@@ -1,0 +1,108 @@
+"""Model families behind one seam: SD 1.x, SDXL, SD3 and FLUX, each tiny, saved to a temp dir
+and loaded through from_pretrained; each samples as its own diffusers pipeline does, recomputes
+its stored log-probs, round-trips its LoRA through `load_lora_weights`, and trains through Ray."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo.config import SampleConfig
+from ddpo.diffusion import sample_trajectories, step_log_prob
+from ddpo.lora import attach_lora, lora_parameters, save_lora
+from ddpo.pipeline import ModelLoadError, build_tiny_pipeline, load_pipeline
+from tests.tiny_families import BUILDERS
+
+FAMILIES = {"sd": ("StableDiffusion", build_tiny_pipeline), "sdxl": ("StableDiffusionXL", BUILDERS["sdxl"]),
+            "sd3": ("StableDiffusion3", BUILDERS["sd3"]), "flux": ("Flux", BUILDERS["flux"])}
+SAMPLE = SampleConfig(num_steps=3, guidance_scale=3.0, height=32, width=32)
+PROMPTS, SEEDS = ["a cat", "a red dog"], [5, 6]
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    for name, (_, build) in FAMILIES.items():
+        build().save_pretrained(root / name)
+    return {name: str(root / name) for name in FAMILIES}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_family_comes_from_model_index_and_samples_as_its_pipeline(folders, name):
+    """With (almost) no step noise our sampler is the pipeline's own deterministic sampler: the
+    same prompts, guidance, initial noise, schedule and decoding give the same images."""
+    model = load_pipeline(folders[name])
+    assert type(model).__name__ == FAMILIES[name][0]
+    quiet = SampleConfig(**{**SAMPLE.__dict__, "eta": 1e-6, "noise_level": 1e-6})
+    ours = sample_trajectories(model, PROMPTS, SEEDS, quiet).images.astype(np.float64) / 255
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    extra = {"eta": 0.0} if name in ("sd", "sdxl") else {}
+    theirs = model.pipe(PROMPTS, num_inference_steps=SAMPLE.num_steps, guidance_scale=SAMPLE.guidance_scale,
+                        height=32, width=32, generator=generators, output_type="np", **extra).images
+    assert np.abs(ours - theirs).max() <= 1.5 / 255  # uint8 rounding
+
+
+def test_an_unsupported_pipeline_is_one_line(tmp_path, folders):
+    index = json.loads((Path(folders["sd"]) / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ModelLoadError, match=r"^model.pretrained: '.*': 'KandinskyPipeline' pipelines are not "
+                                             r"supported; the model families are \[.*'FluxPipeline'"):
+        load_pipeline(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stored_and_recomputed_log_probs_agree(folders, name):
+    """|ratio - 1| < 1e-4 for every step of every sample, all steps rescored in one batch."""
+    model = load_pipeline(folders[name])
+    traj = sample_trajectories(model, PROMPTS, SEEDS, SAMPLE)
+    n, steps = len(PROMPTS), SAMPLE.num_steps
+    cond, negative = model.encode(PROMPTS * steps, with_negative=model.uses_cfg(SAMPLE.guidance_scale))
+    model.set_timesteps(steps, SAMPLE.height, SAMPLE.width)
+    flat = lambda x: x.transpose(0, 1).reshape(n * steps, *x.shape[2:])  # noqa: E731  [B, T, ...] -> [T*B, ...]
+    with torch.no_grad():
+        step = step_log_prob(model, flat(traj.latents[:, :-1]), flat(traj.latents[:, 1:]), flat(traj.timesteps),
+                             cond, negative, SAMPLE)
+    ratio = torch.exp(step.log_prob - flat(traj.log_probs))
+    assert (ratio - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name, tmp_path):
+    """save -> a plain pipeline from from_pretrained -> load_lora_weights -> identical images."""
+    trained = load_pipeline(folders[name])
+    attach_lora(trained.denoiser, rank=4, alpha=8, target_modules=trained.default_lora_targets, seed=0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in lora_parameters(trained.denoiser):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    save_lora(trained, tmp_path)
+
+    fresh = load_pipeline(folders[name])
+    plain = sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).images
+    fresh.pipe.load_lora_weights(str(tmp_path))
+    expected = sample_trajectories(trained, PROMPTS, SEEDS, SAMPLE).images
+    assert not np.array_equal(plain, expected)  # the LoRA changes the images...
+    np.testing.assert_array_equal(sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).images, expected)  # ...exactly
+    # and the learner reads it back for --resume
+    assert trained.read_lora(tmp_path).keys() == {k.replace(".default", "") for k, _ in
+                                                  trained.denoiser.named_parameters() if "lora_" in k}
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_one_update_through_ray(ray_session, folders, name, tmp_path):
+    from cluster.driver import Driver
+    from cluster.run_dir import make_run_dir
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, **{"model.pretrained": folders[name], "num_epochs": 1, "sample.num_steps": 2,
+                                      "eval_images": 0, "advantage.mode": "group", "advantage.group_size": 4,
+                                      "train.kl_coef": 0.04, "cluster.num_samplers": 1, "cluster.num_learners": 1})
+    driver = Driver(config, make_run_dir(config))
+    try:
+        (metrics,) = driver.fit()
+    finally:
+        driver.shutdown()
+    assert metrics["policy_version"] == 1 and metrics["num_samples"] == 8
+    assert np.isfinite(metrics["loss"]) and metrics["kl_ref"] >= 0
