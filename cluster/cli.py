@@ -1,10 +1,18 @@
 """The `ddpo` command line.
 
     ddpo train [--config FILE] [--set key=value ...] [--address auto|ray://...] [--resume RUN_DIR]
+    ddpo sample RUN_DIR [--checkpoint NAME | --base] [--prompt P ...] [--num-per-prompt N] [--seed S]
+                [--out DIR] [--batch-size B] [--set key=value ...]
+    ddpo export RUN_DIR --out DIR [--checkpoint NAME] [--merge [--device D] [--dtype T]]
 
 With no --config, `ddpo train` runs the embedded default (configs/digits.yaml: the embedded
 digits model and its judge, on CPU). Every problem the user can fix is one line on stderr and
 exit status 2. Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
+
+After a run (in this process, no Ray): `ddpo sample` draws images from a checkpoint's LoRA (the
+latest by default) or from the base model (`--base`) with the run's model and sampler settings,
+the same images for the same command; `ddpo export` writes a checkpoint as a diffusers folder
+with a model card: the LoRA alone, or with `--merge` fused into the base pipeline (cluster/workflow.py).
 """
 
 from __future__ import annotations
@@ -151,6 +159,31 @@ def train(args) -> int:
     return 0
 
 
+def sample(args) -> int:
+    from cluster.workflow import sample_run
+
+    result = sample_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, prompts=args.prompt,
+                        num_per_prompt=args.num_per_prompt, seed=args.seed, out=args.out, overrides=args.set,
+                        batch_size=args.batch_size)
+    source = (f"checkpoint {result.checkpoint.name}, {result.epochs} epochs trained" if result.checkpoint
+              else "the base model, no LoRA")
+    print(f"{len(result.images)} images ({source}): {result.out}; grid: {result.grid}")
+    return 0
+
+
+def export(args) -> int:
+    from cluster.workflow import export_run
+
+    if not args.merge and (args.device is not None or args.dtype is not None):
+        raise UsageError("--device/--dtype: only with --merge (the LoRA alone is copied as it is)")
+    result = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge,
+                        device=args.device or "cpu", dtype=args.dtype or "float32")
+    name = f"{result.checkpoint.name} ({result.epochs} epochs trained)"
+    what = f"{name} fused into the base pipeline" if result.merged else f"the LoRA of {name}"
+    print(f"exported {what} to {result.out} (model card: {result.out / 'README.md'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpo", description="DDPO fine-tuning of diffusion models on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="go on with the run in RUN_DIR from its latest checkpoint (its config.yaml, plus any --set)")
     p.set_defaults(func=train)
+
+    p = commands.add_parser("sample", help="sample images from a run's checkpoint (or its base model)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--checkpoint", metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
+    p.add_argument("--prompt", action="append", metavar="P",
+                   help="a prompt (repeatable; default: the run's prompts)")
+    p.add_argument("--num-per-prompt", type=int, default=4, metavar="N", help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="image i of every prompt gets noise seed 2**61 + S * 2**20 + i (default 0)")
+    p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/samples_<checkpoint> (samples_base with --base)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="images per sampling call (default: sample.batch_size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the run's config, e.g. --set sample.num_steps=50 (repeatable)")
+    p.set_defaults(func=sample)
+
+    p = commands.add_parser("export", help="write a checkpoint as a diffusers folder with a model card")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--checkpoint", metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="fuse the LoRA into the base pipeline and save it whole (default: the LoRA alone)")
+    p.add_argument("--device", help="with --merge: where to fuse (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="with --merge: the saved weights' dtype (default float32: it loads with no dtype argument)")
+    p.set_defaults(func=export)
     return parser
 
 

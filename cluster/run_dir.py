@@ -70,15 +70,16 @@ def _answer(table: pa.Table, row: int) -> str:
     return str(table.column(names[0])[row].as_py()) if names else ""
 
 
-def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None) -> Image.Image:
-    """A grid of the first images, each captioned with its prompt, reward and the reward's
-    answer when it gives one."""
+def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None,
+                cols: int = 4) -> Image.Image:
+    """A grid of the first images, `cols` a row, each captioned with its prompt, its reward
+    (when the table has a `reward` column) and the reward's answer when it gives one."""
     table = table.slice(0, max_images)
     images = images_of(table)
     prompts = table.column("prompt").to_pylist()
-    rewards = table.column("reward").to_pylist()
+    rewards = table.column("reward").to_pylist() if "reward" in table.column_names else [None] * len(prompts)
     cell, caption, top = max(128, images.shape[1]), 36, 16 if title else 0
-    cols = min(4, len(images))
+    cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * cell, top + rows * (cell + caption)), "white")
     draw = ImageDraw.Draw(grid)
@@ -88,7 +89,8 @@ def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None)
         x, y = (i % cols) * cell, top + (i // cols) * (cell + caption)
         grid.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
         draw.text((x + 2, y + cell + 1), prompt[:24], fill="black")
-        draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
+        if reward is not None:
+            draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
         draw.text((x + 2, y + cell + 23), _answer(table, i)[:24], fill="darkblue")
     return grid
 

@@ -1,0 +1,361 @@
+"""After a run: `ddpo sample` (images from a checkpoint, or from the base model) and `ddpo export`
+(a LoRA-only diffusers folder with a model card, or the LoRA fused into a full pipeline).
+
+Plain Python in the calling process, no Ray. Every problem the user can fix is a one-line
+`UsageError` (or the config's and the model loader's own one-line errors).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from cluster.cli import UsageError
+from cluster.run_dir import latest_checkpoint, sample_grid
+from ddpo.config import Config, load_config
+from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_TINY
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# image i of every prompt starts from the noise of seed SEED_BASE + S * SEED_STRIDE + i (`--seed S`):
+# the same command gives the same images, whatever the prompts and batches; far from the
+# training epochs' seeds and the eval batch's (ddpo/plan.py)
+SEED_BASE, SEED_STRIDE = 2**61, 2**20
+
+
+# -- the run directory ------------------------------------------------------------------------
+
+
+def open_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Path, Config]:
+    """The run directory and its config.yaml, with `--set` overrides applied."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"'{run_dir}' is not a run directory (no config.yaml there)")
+    return run_dir, load_config(run_dir / "config.yaml", overrides)
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    """The run's checkpoints that hold a LoRA, oldest first."""
+    return sorted(p.parent.name for p in (run_dir / "checkpoints").glob(f"epoch_*/{LORA_FILE}"))
+
+
+def find_checkpoint(run_dir: Path, name: str | None, hint: str = "") -> Path:
+    """The checkpoint `name` (`epoch_0007`), or the latest one when None."""
+    names = checkpoint_names(run_dir)
+    if name is None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None and names:  # a LoRA without the learner's state
+            latest = run_dir / "checkpoints" / names[-1]
+        if latest is None:
+            raise UsageError(f"'{run_dir}' has no checkpoint (no checkpoints/epoch_NNNN/{LORA_FILE}){hint}")
+        return latest
+    if name not in names:
+        there = ", ".join(names) if names else "none"
+        raise UsageError(f"--checkpoint: no checkpoint '{name}' in '{run_dir / 'checkpoints'}' (there: {there})")
+    return run_dir / "checkpoints" / name
+
+
+def epochs_trained(checkpoint: Path) -> int:
+    """The epochs trained into a checkpoint: its learner's policy version (else its name's N + 1)."""
+    state = checkpoint / "learner_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text())["policy_version"])
+    number = checkpoint.name.removeprefix("epoch_")
+    return int(number) + 1 if number.isdigit() else 0
+
+
+def slug(prompt: str, max_len: int = 60) -> str:
+    """A file-name-safe form of a prompt: lower case, runs of other characters as one '-'."""
+    text = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_len].strip("-")
+    return text or "prompt"
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return (SEED_BASE + seed * SEED_STRIDE + index) % 2**63
+
+
+# -- ddpo sample ------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    images: list[Path]
+    grid: Path
+    checkpoint: Path | None  # None: the base model
+    epochs: int
+
+
+def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = False,
+               prompts: list[str] | None = None, num_per_prompt: int = 4, seed: int = 0,
+               out: str | Path | None = None, overrides: list[str] | None = None,
+               batch_size: int | None = None, progress: bool = True) -> SampleResult:
+    """Sample `num_per_prompt` images of each prompt with the run's model and sampler settings
+    and the LoRA of a checkpoint (the latest by default; none with `base`), `batch_size` images
+    a call (default `sample.batch_size`); image i of every prompt from seed `sample_seed(seed, i)`. Writes
+    `<out>/<prompt-slug>_<i>.png` and a captioned `<out>/grid.png`; default out:
+    `RUN_DIR/samples_<checkpoint name>` (or `samples_base`). The last batch is padded to the
+    full size (a few images sampled for nothing), so that an image does not depend on the
+    other prompts to the last bit."""
+    if base and checkpoint is not None:
+        raise UsageError("--base samples the base model without the LoRA; drop --checkpoint")
+    if num_per_prompt < 1:
+        raise UsageError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {batch_size}")
+    if prompts is not None and not all(p.strip() for p in prompts):
+        raise UsageError("--prompt: an empty prompt")
+    run_dir, config = open_run(run_dir, overrides)
+    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base samples the base model")
+    prompts = list(dict.fromkeys(prompts or config.load_prompts()))
+    out = Path(out) if out is not None else run_dir / f"samples_{ckpt.name if ckpt else 'base'}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: '{out}' is a file")
+    epochs = epochs_trained(ckpt) if ckpt else 0
+
+    model = load_model(config, ckpt)
+    names = _file_names(prompts)
+    items = [(prompt, i) for prompt in prompts for i in range(num_per_prompt)]
+    size = batch_size or config.sample.batch_size
+    batches = [items[k:k + size] for k in range(0, len(items), size)]
+    out.mkdir(parents=True, exist_ok=True)
+    from ddpo.diffusion import sample_trajectories
+    from ddpo.trajectory import LATENTS, to_record_batch
+
+    records, paths = [], []
+    from tqdm.auto import tqdm
+
+    for k, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        # the last batch padded to the full size: every call has the same shapes, so an image
+        # comes out bit for bit the same whatever the other prompts (a batch of another size
+        # may round differently, by 1e-5 in the latents)
+        padded = batch + [batch[-1]] * (size - len(batch))
+        trajectories = sample_trajectories(model, [p for p, _ in padded], [sample_seed(seed, i) for _, i in padded],
+                                           config.sample)
+        trajectories = _first(trajectories, len(batch))
+        records.append(to_record_batch(trajectories, f"sample-{k}", epochs).drop_columns([LATENTS]))
+        for (prompt, i), image in zip(batch, trajectories.images):
+            path = out / f"{names[prompt]}_{i}.png"
+            _save_png(image, path)
+            paths.append(path)
+    title = (f"{ckpt.name} ({epochs} epochs trained)" if ckpt else "the base model (no LoRA)") + f", --seed {seed}"
+    grid = sample_grid(pa.Table.from_batches(records), max_images=len(items), title=title,
+                       cols=min(num_per_prompt, 8))
+    grid_path = out / "grid.png"
+    grid.save(grid_path)
+    return SampleResult(out, paths, grid_path, ckpt, epochs)
+
+
+def _first(trajectories, n: int):
+    """The first n samples of a batch of trajectories."""
+    from dataclasses import replace
+
+    t = trajectories
+    return replace(t, prompts=t.prompts[:n], seeds=t.seeds[:n], latents=t.latents[:n], log_probs=t.log_probs[:n],
+                   timesteps=t.timesteps[:n], images=t.images[:n])
+
+
+def load_model(config: Config, checkpoint: Path | None):
+    """The run's model with the checkpoint's LoRA loaded as the learner loads it, or the base
+    model (no adapter) when `checkpoint` is None."""
+    from ddpo.lora import load_lora_state
+    from ddpo.pipeline import load_pipeline, load_policy
+
+    if checkpoint is None:
+        m = config.model
+        return load_pipeline(m.pretrained, m.revision, m.device, m.dtype, seed=config.seed)
+    model = load_policy(config)
+    try:
+        load_lora_state(model.denoiser, model.read_lora(checkpoint))
+    except ValueError as err:  # a --set lora.rank=... that does not match the checkpoint
+        raise UsageError(f"{checkpoint}: {err}") from None
+    return model
+
+
+def _file_names(prompts: list[str]) -> dict[str, str]:
+    """A distinct file-name stem per prompt (`a-cat`, and `a-cat-2` for another prompt with the same slug)."""
+    names, used = {}, set()
+    for prompt in prompts:
+        stem, n = slug(prompt), 1
+        while (stem if n == 1 else f"{stem}-{n}") in used:
+            n += 1
+        names[prompt] = stem if n == 1 else f"{stem}-{n}"
+        used.add(names[prompt])
+    return names
+
+
+def _save_png(image, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+# -- ddpo export ------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    epochs: int
+    merged: bool
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None, merge: bool = False,
+               device: str = "cpu", dtype: str = "float32") -> ExportResult:
+    """Write a checkpoint as a diffusers folder with a model card (README.md): the LoRA alone
+    (`<Pipeline>.from_pretrained(base)` then `.load_lora_weights(out)`), or with `merge` the
+    base pipeline with the LoRA fused into its weights (`<Pipeline>.from_pretrained(out)`),
+    in `dtype` (float32 by default: it loads without a dtype argument)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out: '{out}' exists and is not empty; name a new folder")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UsageError(f"--dtype: must be float32, float16 or bfloat16, got '{dtype}'")
+    run_dir, config = open_run(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    epochs = epochs_trained(ckpt)
+    if merge:
+        _merge(config, ckpt, out, device, dtype)
+        info = _pipeline_info(str(out), None)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ckpt / LORA_FILE, out / LORA_FILE)
+        info = _pipeline_info(config.model.pretrained, config.model.revision)
+    evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    latest = latest_checkpoint(run_dir)
+    card = model_card(config, (run_dir / "config.yaml").read_text(), ckpt.name, epochs, evals, merge, out, *info,
+                      is_latest=latest is None or latest.name == ckpt.name, dtype=dtype)
+    (out / "README.md").write_text(card)
+    return ExportResult(out, ckpt, epochs, merge)
+
+
+def _merge(config: Config, checkpoint: Path, out: Path, device: str, dtype: str) -> None:
+    """The base pipeline with the LoRA fused in, through diffusers' own LoRA loader."""
+    import torch
+
+    from ddpo.pipeline import _one_line, load_pipeline, resolve_device
+
+    m = config.model
+    try:
+        where = resolve_device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device: {_one_line(err)}") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: '{device}': no CUDA device here")
+    pipe = load_pipeline(m.pretrained, m.revision, device, dtype, seed=config.seed).pipe
+    with torch.no_grad():
+        pipe.load_lora_weights(str(checkpoint))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.to("cpu")
+    pipe.save_pretrained(str(out))
+
+
+def _pipeline_info(source: str, revision: str | None) -> tuple[str, list[str]]:
+    """The diffusers pipeline class that loads `source` and the components its folder does
+    without that `from_pretrained` wants named (SD3 without T5); ('DiffusionPipeline', []) when
+    its model_index.json cannot be read."""
+    from ddpo.families import family_named
+    from ddpo.pipeline import model_index
+
+    if source == BUILTIN_TINY:
+        return "StableDiffusionPipeline", []
+    try:
+        index = model_index(str(BUILTIN_FOLDERS.get(source, source)), revision)
+        cls = family_named(index["_class_name"]).pipeline_class
+    except Exception:  # offline hub id, unknown class, ...: the generic loader still works
+        return "DiffusionPipeline", []
+    optional = set(getattr(cls, "_optional_components", []))
+    absent = [name for name, entry in index.items()
+              if isinstance(entry, list) and entry[0] is None and name not in optional]
+    return cls.__name__, absent
+
+
+def _describe_base(pretrained: str, revision: str | None, seed: int) -> str:
+    if pretrained == BUILTIN_TINY:
+        return (f"`{BUILTIN_TINY}`: ddpo-ray's tiny random Stable-Diffusion-shaped pipeline, built in code "
+                f"by `ddpo.pipeline.build_tiny_pipeline(seed={seed})` (not a folder)")
+    if pretrained in BUILTIN_FOLDERS:
+        folder = BUILTIN_FOLDERS[pretrained]
+        return (f"`{pretrained}`: the diffusers folder embedded in ddpo-ray, `ddpo/assets/{folder.name}` "
+                f"(here `{folder}`)")
+    return f"`{pretrained}`" + (f" at revision `{revision}`" if revision else "")
+
+
+def _is_hub_id(pretrained: str) -> bool:
+    return not (pretrained.startswith(("builtin:", ".", "/", "~")) or Path(pretrained).expanduser().exists()
+                or pretrained.count("/") > 1)
+
+
+def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, evals: dict | None,
+               merged: bool, out: Path, pipeline_class: str, absent: list[str], is_latest: bool = True,
+               dtype: str = "float32") -> str:
+    """The README.md of an exported folder: Hugging Face model-card front matter, what was
+    trained on what, the eval figures, how to load it, and the run's config."""
+    m, t, s = config.model, config.train, config.sample
+    terms = config.reward.terms()
+    front = {"library_name": "diffusers"}
+    if _is_hub_id(m.pretrained):
+        front["base_model"] = m.pretrained
+    front["tags"] = list(dict.fromkeys(
+        (["lora"] if not merged else []) + ["ddpo", "diffusers", "text-to-image", "reinforcement-learning",
+                                            t.algorithm.replace("_", "-")]
+        + [term.name for term in terms if ":" not in term.name]))
+    if merged and "base_model" in front:
+        front["base_model_relation"] = "finetune"
+    reward = "; ".join(
+        f"`{term.name}`" + (f" (weight {term.weight:g})" if config.reward.weighted else "")
+        + (f", params `{json.dumps(term.params)}`" if term.params else "")
+        for term in terms)
+    what = (f"the base model with the LoRA of `{checkpoint}` fused into its weights ({dtype})" if merged
+            else f"a LoRA (rank {config.lora.rank}, alpha {config.lora.alpha:g}) on the base model's "
+                 f"denoiser, `{LORA_FILE}` of checkpoint `{checkpoint}`")
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {config.run_name or out.name}: {'merged' if merged else 'LoRA'} from a ddpo-ray run", "",
+        f"This folder holds {what}, fine-tuned by reinforcement learning with ddpo-ray.", "",
+        f"- **Base model**: {_describe_base(m.pretrained, m.revision, config.seed)}",
+        f"- **Reward**: {reward}",
+        f"- **Algorithm**: `train.algorithm: {t.algorithm}`, advantages `{config.advantage.mode}`"
+        + (f", KL to the base `{t.kl_coef:g}`" if t.kl_coef else ""),
+        f"- **Epochs trained**: {epochs} ({config.samples_per_epoch} samples an epoch)"
+        + ("" if is_latest else "; not the run's latest checkpoint"),
+        f"- **Sampler of the run**: {s.num_steps} steps, guidance scale {s.guidance_scale:g}, eta {s.eta:g}"
+        f" (flow noise level {s.noise_level:g}), {s.height}x{s.width}", "",
+    ]
+    if evals:
+        keys = [k for k in evals.get("after", {}) if k in evals.get("before", {})]
+        lines += ["## Eval batch", "",
+                  "The run's fixed eval batch, before training and after its last epoch"
+                  + ("" if is_latest else " (not this checkpoint)") + ":", "",
+                  "| metric | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {evals['before'][k]:.4f} | {evals['after'][k]:.4f} |" for k in keys] + [""]
+    extra = "".join(f", {name}=None" for name in absent)
+    here = str(out.resolve())
+    # the weights in their dtype: from_pretrained would load a float16 folder's transformers
+    # parts as float16 and its diffusers parts as float32
+    if merged:
+        load_dtype = "" if dtype == "float32" else f", dtype=torch.{dtype}"
+        code = [f'pipe = {pipeline_class}.from_pretrained("{here}"{extra}{load_dtype})']
+    elif m.pretrained == BUILTIN_TINY:
+        load_dtype = "" if m.dtype == "float32" else m.dtype
+        code = ["from ddpo.pipeline import build_tiny_pipeline", "", f"pipe = build_tiny_pipeline(seed={config.seed})"]
+        code += [f"pipe.to(dtype=torch.{m.dtype})"] if load_dtype else []
+    else:  # in the run's dtype
+        load_dtype = m.dtype
+        base = str(BUILTIN_FOLDERS.get(m.pretrained, m.pretrained))
+        revision = f', revision="{m.revision}"' if m.revision else ""
+        code = [f'pipe = {pipeline_class}.from_pretrained("{base}"{revision}{extra}, dtype=torch.{m.dtype})']
+    if m.pretrained != BUILTIN_TINY or merged:
+        code = [f"from diffusers import {pipeline_class}", ""] + code
+    if not merged:
+        code += [f'pipe.load_lora_weights("{here}")']
+    lines += ["## How to load", "", "```python"] + (["import torch"] if load_dtype else []) + code
+    lines += ["```", "", "## Config of the run", "", "```yaml", config_text.rstrip(), "```", ""]
+    return "\n".join(lines)

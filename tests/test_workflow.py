@@ -1,0 +1,196 @@
+"""After a run: `ddpo sample` and `ddpo export` on a tiny run directory made by hand (a real
+checkpoint of a Learner whose LoRA was perturbed, so the LoRA changes the images)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster.cli import main
+from cluster.workflow import model_card, sample_seed
+from ddpo.config import save_config
+from ddpo.diffusion import sample_trajectories
+from ddpo.pipeline import build_tiny_pipeline
+from tests.conftest import tiny_config
+
+PROMPTS = ["a red cat", "a blue dog"]
+NUM = 2  # images per prompt
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run dir, the trained images): a run of a tiny pipeline saved as a folder, with the
+    checkpoint epoch_0002 (3 epochs trained) of a learner whose LoRA is random, and eval.json."""
+    from learner import Learner
+
+    root = tmp_path_factory.mktemp("workflow")
+    build_tiny_pipeline(seed=0).save_pretrained(root / "base")
+    config = tiny_config(root, **{"run_name": "tiny", "model.pretrained": str(root / "base"),
+                                  "model.device": "cpu", "prompts.prompts": json.dumps(PROMPTS)})
+    assert config.sample.batch_size == len(PROMPTS) * NUM  # `ddpo sample` samples them in one batch
+    run_dir = root / "tiny"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_config(config, run_dir / "config.yaml")
+    learner = Learner(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in learner.model.denoiser.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    learner.policy_version = 3
+    learner.save_checkpoint(run_dir / "checkpoints")
+    (run_dir / "eval.json").write_text(json.dumps({"before": {"reward_mean": 0.25, "reward_std": 0.1},
+                                                   "after": {"reward_mean": 0.75, "reward_std": 0.1}}))
+    prompts = [p for p in PROMPTS for _ in range(NUM)]
+    seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
+    trained = sample_trajectories(learner.model, prompts, seeds, config.sample).images
+    return run_dir, config, trained
+
+
+def _pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))}
+
+
+def _images(folder: Path) -> np.ndarray:
+    """The per-image PNGs in sampling order (prompt by prompt, i within)."""
+    return np.stack([np.asarray(Image.open(folder / f"{stem}_{i}.png").convert("RGB"))
+                     for stem in ["a-red-cat", "a-blue-dog"] for i in range(NUM)])
+
+
+def test_sample_is_the_checkpoints_lora_and_repeats(run, tmp_path, capsys):
+    run_dir, config, trained = run
+    assert main(["sample", str(run_dir), "--num-per-prompt", str(NUM)]) == 0
+    out = run_dir / "samples_epoch_0002"  # the default: the latest checkpoint
+    printed = capsys.readouterr().out
+    assert f"4 images (checkpoint epoch_0002, 3 epochs trained): {out}; grid: {out / 'grid.png'}" in printed
+    first = _pngs(out)
+    assert sorted(first) == ["a-blue-dog_0.png", "a-blue-dog_1.png", "a-red-cat_0.png", "a-red-cat_1.png", "grid.png"]
+    np.testing.assert_array_equal(_images(out), trained)  # the learner's own LoRA, bit for bit
+    # the same command again: the same files
+    assert main(["sample", str(run_dir), "--checkpoint", "epoch_0002", "--num-per-prompt", str(NUM)]) == 0
+    second = _pngs(out)
+    for name in first:
+        np.testing.assert_array_equal(second[name], first[name], err_msg=name)
+    # in batches of one: the same images up to float rounding (1e-5 in the latents)
+    assert main(["sample", str(run_dir), "--num-per-prompt", str(NUM), "--out", str(tmp_path / "ones"),
+                 "--batch-size", "1"]) == 0
+    assert np.abs(_images(tmp_path / "ones").astype(int) - trained.astype(int)).max() <= 1
+
+
+def test_sample_base_differs_and_prompts_and_seed_choose_the_images(run, tmp_path):
+    run_dir, config, trained = run
+    assert main(["sample", str(run_dir), "--base", "--num-per-prompt", str(NUM)]) == 0
+    base = _images(run_dir / "samples_base")
+    assert np.abs(base.astype(int) - trained.astype(int)).mean() > 5  # the LoRA changes the images
+    base_model = build_tiny_pipeline(seed=0)
+    from ddpo.families import family_of
+
+    prompts = [p for p in PROMPTS for _ in range(NUM)]
+    seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
+    expected = sample_trajectories(family_of(base_model), prompts, seeds, config.sample).images
+    np.testing.assert_array_equal(base, expected)
+    # one prompt of the list on its own (its batch padded to the full size): the same images as
+    # in the list, bit for bit; another seed: others
+    assert main(["sample", str(run_dir), "--prompt", "a blue dog", "--num-per-prompt", "1",
+                 "--out", str(tmp_path / "dog")]) == 0
+    np.testing.assert_array_equal(_pngs(tmp_path / "dog")["a-blue-dog_0.png"], trained[NUM])
+    assert main(["sample", str(run_dir), "--prompt", "a blue dog", "--num-per-prompt", "1", "--seed", "1",
+                 "--out", str(tmp_path / "dog1")]) == 0
+    assert not np.array_equal(_pngs(tmp_path / "dog1")["a-blue-dog_0.png"], trained[NUM])
+    grid = Image.open(tmp_path / "dog1" / "grid.png")
+    assert grid.size == (128, 16 + 128 + 36)  # one captioned cell under a title
+
+
+def _sample_pipeline(pipe, config) -> np.ndarray:
+    from ddpo.families import family_of
+
+    model = family_of(pipe)
+    prompts = [p for p in PROMPTS for _ in range(NUM)]
+    seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
+    return sample_trajectories(model, prompts, seeds, config.sample).images
+
+
+def test_export_lora_loads_into_the_base_with_diffusers(run, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    run_dir, config, trained = run
+    out = tmp_path / "lora"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"exported the LoRA of epoch_0002 (3 epochs trained) to {out}")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
+    pipe = StableDiffusionPipeline.from_pretrained(config.model.pretrained)
+    pipe.load_lora_weights(str(out))
+    np.testing.assert_array_equal(_sample_pipeline(pipe, config), trained)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\ntags:\n- lora\n- ddpo\n")
+    for text in [f"**Base model**: `{config.model.pretrained}`", "**Reward**: `jpeg_compressibility`",
+                 "**Epochs trained**: 3", "`train.algorithm: ddpo_is`", "| reward_mean | 0.2500 | 0.7500 |",
+                 f'pipe = StableDiffusionPipeline.from_pretrained("{config.model.pretrained}", dtype=torch.float32)',
+                 f'pipe.load_lora_weights("{out.resolve()}")', "```yaml\nrun_name: tiny\n"]:
+        assert text in card, text
+
+
+def test_export_merged_loads_as_a_plain_pipeline(run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run_dir, config, trained = run
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--out", str(out), "--merge"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))  # no dtype argument: saved in float32
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert not any("lora" in k for k in pipe.unet.state_dict())  # fused, not an adapter
+    merged = _sample_pipeline(pipe, config)
+    # fused weights W + s B A round differently from W x + s B (A x): the latents by about 3e-5,
+    # the same uint8 images as measured; a pixel may move by 1/255 (the base differs by far more)
+    assert np.abs(merged.astype(int) - trained.astype(int)).max() <= 1
+    card = (out / "README.md").read_text()
+    assert "fused into its weights (float32)" in card and "- lora\n" not in card
+    assert f'pipe = StableDiffusionPipeline.from_pretrained("{out.resolve()}")' in card
+
+
+def test_model_card_names_a_builtin_base():
+    config = tiny_config(None, **{"model.pretrained": "builtin:digits", "reward.name": "digit_judge"})
+    card = model_card(config, "seed: 0\n", "epoch_0009", 10, None, False, Path("/x/out"), "StableDiffusionPipeline", [])
+    assert "`builtin:digits`: the diffusers folder embedded in ddpo-ray, `ddpo/assets/digits`" in card
+    assert "base_model" not in card.split("---")[1]  # not a hub id
+    tiny = model_card(tiny_config(None), "seed: 0\n", "epoch_0000", 1, None, False, Path("/x/out"),
+                      "StableDiffusionPipeline", [])
+    assert "pipe = build_tiny_pipeline(seed=0)" in tiny
+    hub = model_card(tiny_config(None, **{"model.pretrained": "org/sd", "model.dtype": "bfloat16"}), "seed: 0\n",
+                     "epoch_0000", 1, None, False, Path("/x/out"), "StableDiffusionPipeline", [])
+    assert "\nbase_model: org/sd\n" in hub.split("---")[1]
+    assert 'StableDiffusionPipeline.from_pretrained("org/sd", dtype=torch.bfloat16)' in hub
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "{root}"], "'{root}' is not a run directory (no config.yaml there)"),
+    (["export", "{root}", "--out", "{root}/x"], "'{root}' is not a run directory (no config.yaml there)"),
+    (["sample", "{empty}"], "'{empty}' has no checkpoint (no checkpoints/epoch_NNNN/pytorch_lora_weights"
+                            ".safetensors); --base samples the base model"),
+    (["export", "{empty}", "--out", "{root}/x"], "'{empty}' has no checkpoint"),
+    (["sample", "{run}", "--checkpoint", "epoch_0099"],
+     "--checkpoint: no checkpoint 'epoch_0099' in '{run}/checkpoints' (there: epoch_0002)"),
+    (["export", "{run}", "--checkpoint", "epoch_7", "--out", "{root}/x"],
+     "--checkpoint: no checkpoint 'epoch_7' in '{run}/checkpoints' (there: epoch_0002)"),
+    (["sample", "{run}", "--base", "--checkpoint", "epoch_0002"],
+     "--base samples the base model without the LoRA; drop --checkpoint"),
+    (["sample", "{run}", "--num-per-prompt", "0"], "--num-per-prompt: must be >= 1, got 0"),
+    (["sample", "{run}", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["export", "{run}", "--out", "{run}"], "--out: '{run}' exists and is not empty; name a new folder"),
+    (["export", "{run}", "--out", "{root}/x", "--dtype", "float16"], "--device/--dtype: only with --merge"),
+    (["sample", "{run}", "--set", "sample.num_steps=0"], "sample.num_steps: must be >= 1"),
+])
+def test_user_errors_are_one_line(run, tmp_path, capsys, args, message):
+    run_dir = run[0]
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    names = {"root": tmp_path, "empty": empty, "run": run_dir}
+    assert main([a.format(**names) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpo: error: " + message.format(**names)), err
+    assert "\n" not in err
+    assert not (tmp_path / "x").exists()
