@@ -101,22 +101,28 @@ def ddim_step_with_logprob(
     pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0).sqrt() * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
 
-    # 6. the action x_{t-1} ~ N(mu, sigma_t^2 I), kept in the sample's dtype: its log-prob is
-    #    computed on the stored value, so recomputing it later gives the same number
-    if prev_sample is None:
-        noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-        prev_sample = (prev_sample_mean + std_dev_t * noise).to(sample.dtype)
-    x_prev = prev_sample.detach().to(torch.float32)
+    # 6. the action x_{t-1} ~ N(mu, sigma_t^2 I) and its log-prob
+    return gaussian_step(prev_sample_mean, std_dev_t, sample.dtype, prev_sample, generator, log_prob_reduction)
 
-    # 7. log N(x_{t-1}; mu, sigma_t^2 I), per element, reduced over all but the batch dim
-    log_prob = (
-        -((x_prev - prev_sample_mean) ** 2) / (2 * std_dev_t**2)
-        - torch.log(std_dev_t)
-        - math.log(math.sqrt(2 * math.pi))
-    )
-    dims = tuple(range(1, log_prob.ndim))
-    log_prob = log_prob.mean(dim=dims) if log_prob_reduction == "mean" else log_prob.sum(dim=dims)
-    return GaussianStep(prev_sample, log_prob, prev_sample_mean, std_dev_t)
+
+def reduce_over_latent(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-element values reduced over all but the batch dim: `mean` (the public DDPO
+    implementation's convention) or `sum`."""
+    dims = tuple(range(1, values.ndim))
+    return values.mean(dim=dims) if reduction == "mean" else values.sum(dim=dims)
+
+
+def gaussian_step(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, prev_sample: torch.Tensor | None,
+                  generator, log_prob_reduction: str) -> GaussianStep:
+    """The action x' ~ N(mean, std^2 I) of a step (DDIM's or the flow SDE's), kept in `dtype`, and
+    log N(x'; mean, std^2 I) computed on that stored value, so recomputing it later gives the
+    same number. With `prev_sample` given, that action is scored instead of drawn."""
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        prev_sample = (mean + std * noise).to(dtype)
+    x = prev_sample.detach().to(torch.float32)
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return GaussianStep(prev_sample, reduce_over_latent(log_prob, log_prob_reduction), mean, std)
 
 
 @dataclass

@@ -13,13 +13,10 @@ so log p_theta(x_{t+dt} | x_t, c) is exact. `noise_level` is a in sigma_t.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
-from ddpo.diffusion import GaussianStep
+from ddpo.diffusion import GaussianStep, gaussian_step
 
 
 def _schedule_index(scheduler: FlowMatchEulerDiscreteScheduler, timestep, batch: int, device) -> torch.Tensor:
@@ -48,7 +45,7 @@ def sde_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     log_prob_reduction: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> GaussianStep:
     """One SDE step x_t -> x_{t+dt} and log p(x_{t+dt} | x_t, c) of shape [batch].
 
     `model_output` is the velocity v (noise - data) predicted at `timestep`, a value of
@@ -97,19 +94,5 @@ def sde_step_with_logprob(
     # 4. the step's standard deviation, sigma_t sqrt(|dt|)
     step_std = std_dev_t * torch.sqrt(-dt)
 
-    # 5. the action x_{t+dt} = mu + sigma_t sqrt(|dt|) eps, kept in the sample's dtype: its log-prob
-    #    is computed on the stored value, so recomputing it later gives the same number
-    if prev_sample is None:
-        noise = randn_tensor(x_t.shape, generator=generator, device=device, dtype=torch.float32)
-        prev_sample = (prev_sample_mean + step_std * noise).to(sample.dtype)
-    x_next = prev_sample.detach().to(torch.float32)
-
-    # 6. log N(x_{t+dt}; mu, step_std^2 I), per element, reduced over all but the batch dim
-    log_prob = (
-        -((x_next - prev_sample_mean) ** 2) / (2 * step_std**2)
-        - torch.log(step_std)
-        - math.log(math.sqrt(2 * math.pi))
-    )
-    dims = tuple(range(1, log_prob.ndim))
-    log_prob = log_prob.mean(dim=dims) if log_prob_reduction == "mean" else log_prob.sum(dim=dims)
-    return GaussianStep(prev_sample, log_prob, prev_sample_mean, step_std)
+    # 5. the action x_{t+dt} = mu + sigma_t sqrt(|dt|) eps and log N(x_{t+dt}; mu, step_std^2 I)
+    return gaussian_step(prev_sample_mean, step_std, sample.dtype, prev_sample, generator, log_prob_reduction)

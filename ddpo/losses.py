@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ddpo.diffusion import reduce_over_latent
+
 
 def ddpo_sf_loss(log_prob, advantages, importance_weight):
     """DDPO-SF (REINFORCE, Eq. 3): L = -E[w * A * log p_theta(x_{t-1} | x_t, c)].
@@ -37,9 +39,7 @@ def kl_to_reference(mean, mean_ref, std, reduction: str = "mean"):
     """KL(p_theta || p_ref) of one step's two Gaussians, which share their std sigma (it depends
     on the schedule only): KL = ||mu_theta - mu_ref||^2 / (2 sigma^2), averaged (`mean`, as the
     log-prob) or summed over the latent's elements; shape [B]."""
-    kl = (mean - mean_ref) ** 2 / (2 * std**2)
-    dims = tuple(range(1, kl.ndim))
-    return kl.mean(dim=dims) if reduction == "mean" else kl.sum(dim=dims)
+    return reduce_over_latent((mean - mean_ref) ** 2 / (2 * std**2), reduction)
 
 
 def importance_weight(log_prob_prox, log_prob_behaviour, cap):
