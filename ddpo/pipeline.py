@@ -13,6 +13,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from ddpo.families import ModelFamily, family_named
@@ -170,8 +171,10 @@ def load_pipeline(
             raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
         # components the folder does without (SD3 without T5): from_pretrained wants them named
         absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
-        verbosity = diffusers_logging.get_verbosity()
+        verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.set_verbosity_error()
+        if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS, which transformers follows too
+            diffusers_logging.disable_progress_bar()
         try:
             pipe = family.pipeline_class.from_pretrained(source, revision=revision, dtype=torch_dtype,
                                                          **{**absent, **family.load_kwargs})
@@ -182,6 +185,8 @@ def load_pipeline(
             ) from None
         finally:
             diffusers_logging.set_verbosity(verbosity)
+            if bars:
+                diffusers_logging.enable_progress_bar()
     pipe = family.prepare(pipe)
     model = family(pipe)
     for module in model.frozen_modules():

@@ -74,6 +74,12 @@ def check_reward(name: str, params: dict[str, Any] | None = None, field: str = "
     return fn
 
 
+def check_rewards(reward) -> None:
+    """Every term of a `RewardConfig` checked as `check_reward` does, errors naming its field."""
+    for i, term in enumerate(reward.terms()):
+        check_reward(term.name, term.params, f"reward.weighted[{i}]" if reward.weighted else "reward")
+
+
 def load_reward(name: str, params: dict[str, Any] | None = None) -> RewardFn:
     """A ready-to-call reward: the class built with `params`, or the function with them bound."""
     fn, params = check_reward(name, params), dict(params or {})

@@ -437,8 +437,9 @@ def train_digits_and_judge(s: dict, out: Path, images, train_y, test_images, tes
     torch.manual_seed(s["seed"])
     pipe = train_denoiser(s, vae, images, train_y)
     model_dir = out / "digits"
-    # stored in float16 (half the size); `from_pretrained(torch_dtype=...)` loads it in any dtype
-    pipe.to(dtype=torch.float16).save_pretrained(model_dir, safe_serialization=True)
+    # the weights rounded to float16 (the model the README's figures come from), stored in
+    # float32: plain `from_pretrained(model_dir)` with no dtype then loads and samples on CPU
+    pipe.to(dtype=torch.float16).to(dtype=torch.float32).save_pretrained(model_dir, safe_serialization=True)
     trained_s = time.perf_counter() - start
     e = s["evaluate"]
     result = judged_accuracy(model_dir, judge_dir, ROOT / e["config"], e["samples_per_prompt"])

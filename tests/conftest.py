@@ -62,6 +62,24 @@ def tiny_config(tmp_path=None, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in settings.items()])
 
 
+def ray_processes(title: str) -> list:
+    """The live processes titled `title` (`ray::SamplerActor`, ...) of the Ray instance this
+    process is connected to: Ray's workers are its raylet's children. Another Ray instance's
+    processes on the machine (a parallel test worker's, a `ddpo train` run's) are not among them."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith(title):
+                found.append(proc)
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return found
+
+
 def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) -> str:
     """Run `driver.fit()` while a thread calls `kill()` once `metrics_path` holds
     `epochs_recorded` lines; the run must end in the actor's death. Shuts the driver down and

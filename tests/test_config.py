@@ -63,3 +63,105 @@ def test_bad_files(tmp_path):
     config = load_config(None, [f"prompts.file={empty}"])
     with pytest.raises(ConfigError, match="^prompts.file: .* holds no prompts"):
         config.load_prompts()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.learning_rate=nan"], "train.learning_rate: expected a finite number, got nan"),
+    (["train.clip_range=inf"], "train.clip_range: expected a finite number, got inf"),
+    (["sample.guidance_scale=-inf"], "sample.guidance_scale: expected a finite number, got -inf"),
+    (["reward.timeout_s=.nan"], "reward.timeout_s: expected a finite number, got nan"),
+    (["train.kl_coef=1" + "0" * 400], "train.kl_coef: expected a finite number, got 1000"),  # beyond the float range
+    (["cluster.sampler.resources={node: .inf}"], "cluster.sampler.resources.node: expected a finite number, got inf"),
+    (["cluster.learner.num_gpus=.nan"], "cluster.learner.num_gpus: expected a finite number, got nan"),
+    (["reward.weighted=[{name: aesthetic, weight: .inf}]"],
+     "reward.weighted[0].weight: expected a finite number, got inf"),
+    # free-form values, down their dicts and lists
+    (["reward.params={quality: .inf}"], "reward.params.quality: expected a finite number, got inf"),
+    (["reward.params={levels: [1, 2, .nan]}"], "reward.params.levels[2]: expected a finite number, got nan"),
+    (["reward.weighted=[{name: aesthetic}, {name: pickscore, params: {head: {scale: -.inf}}}]"],
+     "reward.weighted[1].params.head.scale: expected a finite number, got -inf"),
+])
+def test_non_finite_numbers_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_numbers_in_a_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: .NaN\nreward:\n  params:\n    margin: -.inf\n")
+    with pytest.raises(ConfigError, match=r"^train\.learning_rate: expected a finite number, got nan$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^reward\.params\.margin: expected a finite number, got -inf$"):
+        load_config(path, ["train.learning_rate=1e-3"])
+
+
+def test_free_form_values_stay_as_yaml_gave_them():
+    # the word `nan` in a free-form value is a string (YAML's NaN is `.nan`), not a number
+    config = load_config(None, ["reward.params={label: nan, scale: 2.5, steps: [1, 2]}"])
+    assert config.reward.params == {"label": "nan", "scale": 2.5, "steps": [1, 2]}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "mps"])
+def test_device_forms(device):
+    assert load_config(None, [f"model.device={device}"]).model.device == device
+
+
+@pytest.mark.parametrize("device", ["gpu0", "gpu", "CUDA", "cuda:", "cuda:x", "cuda:0:1", "cuda:-1", "tpu", "", " cpu"])
+def test_bad_devices_are_one_line_errors(device):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.device='{device}'"])
+    assert str(info.value) == f"model.device: must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+
+
+def test_reward_weights():
+    config = load_config(None, ["reward.weighted=[{name: aesthetic, weight: 2}, {name: jpeg_compressibility, "
+                                "weight: -0.5}]"])
+    assert [(t.name, t.weight) for t in config.reward.terms()] == [("aesthetic", 2.0), ("jpeg_compressibility", -0.5)]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["reward.weighted=[{name: aesthetic}, {name: pickscore, weight: 0}]"],
+     "reward.weighted[1].weight: must be nonzero (drop the term instead)"),
+    (["reward.weighted=[{name: aesthetic, weight: 0.0}]"],
+     "reward.weighted[0].weight: must be nonzero (drop the term instead)"),
+    (["reward.weighted=[{name: aesthetic, weight: nan}]"],
+     "reward.weighted[0].weight: expected a finite number, got nan"),
+    (["reward.weighted=[{name: aesthetic, weight: heavy}]"],
+     "reward.weighted[0].weight: expected a number, got 'heavy'"),
+    (["reward.weighted=[{name: aesthetic}, {name: ''}]"], "reward.weighted[1].name: must not be empty"),
+    (["reward.weighted=[{name: ' '}]"], "reward.weighted[0].name: must not be empty"),
+    (["reward.name="], "reward.name: must not be empty"),
+])
+def test_bad_reward_terms_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("override, message", [
+    (["seed=-1"], "seed: must be in [0, 2**32), got -1"),
+    ([f"seed={2**32}"], f"seed: must be in [0, 2**32), got {2**32}"),
+    (["lora.alpha=0"], "lora.alpha: must be > 0"),
+    (["train.adam_beta1=1"], "train.adam_beta1: must be in [0, 1)"),
+    (["train.adam_beta2=-0.1"], "train.adam_beta2: must be in [0, 1)"),
+    (["train.adam_weight_decay=-1e-4"], "train.adam_weight_decay: must be >= 0"),
+    (["train.adam_epsilon=0"], "train.adam_epsilon: must be > 0"),
+    (["cluster.address=head"], "cluster.address: must be auto, ray://host:port or host:port, got 'head'"),
+    (["cluster.address=http://head:8265"],
+     "cluster.address: must be auto, ray://host:port or host:port, got 'http://head:8265'"),
+    (["cluster.address=ray://head:0"],
+     "cluster.address: must be auto, ray://host:port or host:port, got 'ray://head:0'"),
+    (["cluster.address='head:99999'"], "cluster.address: must be auto, ray://host:port or host:port, got 'head:99999'"),
+])
+def test_more_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://head-node:10001", "10.0.0.5:6379", "ray://[fd00::2]:10001",
+                                     "head.example.com:6379"])
+def test_address_forms(address):
+    assert load_config(None, [f"cluster.address='{address}'"]).cluster.address == address

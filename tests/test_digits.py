@@ -52,6 +52,22 @@ def test_the_embedded_flow_model_is_an_sd3_pipeline_that_loads_and_samples_offli
     assert traj.images.std() > 20  # ink on paper
 
 
+def test_the_embedded_models_load_in_plain_diffusers_with_no_dtype_on_cpu():
+    """As a user calls it: `<Pipeline>.from_pretrained(folder)`, no dtype argument; the weights
+    are stored in float32, so every part loads in one dtype and the pipeline samples."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    for cls, name, absent in [(StableDiffusionPipeline, "builtin:digits", {}),
+                              (StableDiffusion3Pipeline, "builtin:digits-flow",
+                               {"text_encoder_3": None, "tokenizer_3": None})]:
+        pipe = cls.from_pretrained(str(BUILTIN_FOLDERS[name]), **absent)
+        parts = [pipe.vae, pipe.text_encoder, getattr(pipe, "unet", None) or pipe.transformer]
+        assert {part.dtype for part in parts} == {torch.float32}, name
+        images = pipe("a handwritten digit three", num_inference_steps=2, height=16, width=16, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all(), name
+
+
 def test_the_embedded_model_follows_its_prompt_only_weakly():
     """The issue's contract for the base model: the judge agrees with the prompt on roughly
     30-60% of its samples (32.5% when trained), measured as scripts/train_digits.py does."""

@@ -12,7 +12,7 @@ import torch
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import fit_until_an_actor_dies, tiny_config
+from tests.conftest import fit_until_an_actor_dies, ray_processes, tiny_config
 
 
 def _run(config):
@@ -251,8 +251,6 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
     import threading
     import time
 
-    import psutil
-
     config = tiny_config(tmp_path, **{"num_epochs": 3, "run_name": "killed"})
     metrics_path = tmp_path / "killed" / "metrics.jsonl"
     killed, stop = [], threading.Event()
@@ -261,11 +259,9 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
         while not stop.is_set() and not (metrics_path.exists() and metrics_path.read_text().strip()):
             time.sleep(0.02)
         while not stop.is_set() and not killed:
-            for proc in psutil.process_iter(["cmdline"]):
-                if " ".join(proc.info["cmdline"] or []).startswith(process_title):
-                    proc.kill()
-                    killed.append(proc.pid)
-                    break
+            for proc in ray_processes(process_title)[:1]:
+                proc.kill()
+                killed.append(proc.pid)
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_in_epoch_1)
@@ -286,15 +282,12 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
 
 
 def test_a_dead_learner_ends_the_run_naming_the_checkpoint_to_resume_from(ray_session, tmp_path):
-    import psutil
-
     config = tiny_config(tmp_path, **{"num_epochs": 6, "checkpoint_every": 1, "run_name": "lost"})
     driver = Driver(config, make_run_dir(config))
 
     def kill_the_learner():
-        for proc in psutil.process_iter(["cmdline"]):
-            if " ".join(proc.info["cmdline"] or []).startswith("ray::LearnerActor"):
-                proc.kill()
+        for proc in ray_processes("ray::LearnerActor"):
+            proc.kill()
 
     message = fit_until_an_actor_dies(driver, tmp_path / "lost" / "metrics.jsonl", 2, kill_the_learner)
     checkpoint = max((tmp_path / "lost" / "checkpoints").iterdir())

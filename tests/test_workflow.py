@@ -104,6 +104,39 @@ def test_sample_base_differs_and_prompts_and_seed_choose_the_images(run, tmp_pat
     assert grid.size == (128, 16 + 128 + 36)  # one captioned cell under a title
 
 
+def test_eval_scores_the_checkpoints_images_with_the_runs_reward_on_ray(run, ray_session, tmp_path, capsys):
+    from rewards.jpeg import jpeg_size_kb
+
+    run_dir, config, trained = run
+    assert main(["eval", str(run_dir), "--num-per-prompt", str(NUM)]) == 0
+    report = json.loads((run_dir / "eval_epoch_0002.json").read_text())
+    # the images `ddpo sample` draws with the same seeds, scored by the run's reward: -JPEG kB
+    rewards = -np.array([jpeg_size_kb(image) for image in trained], dtype=np.float32).astype(np.float64)
+    assert report["checkpoint"] == "epoch_0002" and report["epochs_trained"] == 3
+    assert report["reward"] == "jpeg_compressibility" and report["n"] == len(trained)
+    assert report["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-6)
+    assert report["reward_stderr"] == pytest.approx(rewards.std(ddof=1) / np.sqrt(len(rewards)), abs=1e-6)
+    assert report["jpeg_kb_mean"] == pytest.approx(-rewards.mean(), abs=1e-6)
+    assert list(report["per_prompt"]) == PROMPTS
+    for k, prompt in enumerate(PROMPTS):
+        mine = rewards[k * NUM:(k + 1) * NUM]
+        row = report["per_prompt"][prompt]
+        assert row["n"] == NUM and row["reward_mean"] == pytest.approx(mine.mean(), abs=1e-6)
+        assert row["reward_stderr"] == pytest.approx(mine.std(ddof=1) / np.sqrt(NUM), abs=1e-6)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"  a red cat   {rewards[:NUM].mean():.4f} ± ")
+    assert printed[-1].startswith(f"checkpoint epoch_0002 (3 epochs trained), reward jpeg_compressibility: "
+                                  f"{rewards.mean():.4f} ± {report['reward_stderr']:.4f} (mean ± standard error, n=4")
+    assert printed[-1].endswith(str(run_dir / "eval_epoch_0002.json"))
+    # the base model, another reward through --set, a file of one's own
+    out = tmp_path / "base.json"
+    assert main(["eval", str(run_dir), "--base", "--num-per-prompt", str(NUM), "--out", str(out),
+                 "--set", "reward.name=jpeg_incompressibility"]) == 0
+    base = json.loads(out.read_text())
+    assert base["checkpoint"] is None and base["reward"] == "jpeg_incompressibility"
+    assert base["reward_mean"] > 0 and base["reward_mean"] != pytest.approx(-report["reward_mean"], abs=1e-3)
+
+
 def _sample_pipeline(pipe, config) -> np.ndarray:
     from ddpo.families import family_of
 
@@ -169,14 +202,21 @@ def test_model_card_names_a_builtin_base():
     (["sample", "{root}"], "'{root}' is not a run directory (no config.yaml there)"),
     (["export", "{root}", "--out", "{root}/x"], "'{root}' is not a run directory (no config.yaml there)"),
     (["sample", "{empty}"], "'{empty}' has no checkpoint (no checkpoints/epoch_NNNN/pytorch_lora_weights"
-                            ".safetensors); --base samples the base model"),
+                            ".safetensors); --base uses the base model"),
     (["export", "{empty}", "--out", "{root}/x"], "'{empty}' has no checkpoint"),
     (["sample", "{run}", "--checkpoint", "epoch_0099"],
      "--checkpoint: no checkpoint 'epoch_0099' in '{run}/checkpoints' (there: epoch_0002)"),
     (["export", "{run}", "--checkpoint", "epoch_7", "--out", "{root}/x"],
      "--checkpoint: no checkpoint 'epoch_7' in '{run}/checkpoints' (there: epoch_0002)"),
     (["sample", "{run}", "--base", "--checkpoint", "epoch_0002"],
-     "--base samples the base model without the LoRA; drop --checkpoint"),
+     "--base uses the base model without the LoRA; drop --checkpoint"),
+    (["eval", "{run}", "--base", "--checkpoint", "epoch_0002"],
+     "--base uses the base model without the LoRA; drop --checkpoint"),
+    (["eval", "{empty}"], "'{empty}' has no checkpoint"),
+    (["eval", "{run}", "--num-per-prompt", "-1"], "--num-per-prompt: must be >= 1, got -1"),
+    (["eval", "{run}", "--out", "{run}"], "--out: '{run}' is a folder; name a .json file"),
+    (["eval", "{run}", "--out", "{root}/x/eval.json"], "--out: the folder '{root}/x' does not exist"),
+    (["eval", "{run}", "--set", "reward.name=no_such_reward"], "reward.name: unknown reward 'no_such_reward'"),
     (["sample", "{run}", "--num-per-prompt", "0"], "--num-per-prompt: must be >= 1, got 0"),
     (["sample", "{run}", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     (["export", "{run}", "--out", "{run}"], "--out: '{run}' exists and is not empty; name a new folder"),
