@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,10 +30,20 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_broadcast_gives_every_sampler_the_learners_lora(ray_session, tmp_path):
+def test_actors_run_in_their_bundles_and_every_sampler_gets_the_learners_lora(ray_session, tmp_path):
+    from ray.util.placement_group import placement_group_table
+
     config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "num_epochs": 1})
     driver = Driver(config, make_run_dir(config))
     try:
+        table = placement_group_table(driver.placement.group)
+        assert table["state"] == "CREATED"
+        # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
+        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
+        assert driver.placement.options("learner-0")["num_cpus"] == 0.5
+        assert driver.placement.options("sampler-1")["num_cpus"] == 1.0
+        assert driver.placement.threads == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
+
         driver.fit()  # one update, then the broadcast of version 1
         # each sampler loads version 1 before its next batch (2 batches: one per sampler)
         ray.get([task.summary_ref for task in driver.submit_sampling(1)])
@@ -50,29 +61,38 @@ def test_broadcast_gives_every_sampler_the_learners_lora(ray_session, tmp_path):
         driver.shutdown()
 
 
-def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_session, tmp_path):
-    history_a, (version_a, weights_a) = _run(tiny_config(tmp_path, run_name="a"))
-    history_b, (version_b, weights_b) = _run(tiny_config(tmp_path, run_name="b"))
+UNDISTURBED = {"num_epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_session, tmp_path_factory):
+    """A lag-0 run of the tiny config that nothing disturbs: (its history, (version, weights), its directory)."""
+    config = tiny_config(tmp_path_factory.mktemp("undisturbed"), run_name="undisturbed", **UNDISTURBED)
+    return *_run(config), Path(config.output_dir) / "undisturbed"
+
+
+def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_session, tmp_path, undisturbed):
+    history_a, (version_a, weights_a), run_dir = undisturbed
+    history_b, (version_b, weights_b) = _run(tiny_config(tmp_path, run_name="b", **UNDISTURBED))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actors (num_cpus 1): same kernels, same float sums
     try:
-        config = tiny_config(tmp_path, run_name="inprocess")
+        config = tiny_config(tmp_path, run_name="inprocess", **UNDISTURBED)
         run = InProcessRun(config, make_run_dir(config))
         history_c, learner = run.fit(), run.learner
     finally:
         torch.set_num_threads(threads)
     version_c, weights_c = learner.weights()
-    assert version_a == version_b == version_c == 2
+    assert version_a == version_b == version_c == 3
     keys = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"]
-    for a, b, c in zip(history_a, history_b, history_c):
+    for a, b, c in zip(history_a, history_b, history_c, strict=True):
         assert [a[k] for k in keys] == [b[k] for k in keys] == [c[k] for k in keys]
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key])
         assert torch.equal(weights_a[key], weights_c[key])
-    run_dir = tmp_path / "a"
-    assert len(_metrics(run_dir)) == 2
-    assert (run_dir / "samples" / "epoch_0001.png").is_file()
-    assert (run_dir / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(_metrics(run_dir)) == 3
+    assert (run_dir / "samples" / "epoch_0002.png").is_file()
+    assert (run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_lag1_pipelines_with_versions_one_behind(ray_session, tmp_path):
@@ -179,24 +199,6 @@ def test_bundles_that_fit_in_total_but_not_on_one_node_fail_within_the_timeout(r
     assert time.monotonic() - start < 10
 
 
-def test_actors_run_in_their_bundles(ray_session, tmp_path):
-    from ray.util.placement_group import placement_group_table
-
-    config = tiny_config(tmp_path, **{"num_epochs": 1, "cluster.num_samplers": 2})
-    driver = Driver(config, make_run_dir(config))
-    try:
-        table = placement_group_table(driver.placement.group)
-        assert table["state"] == "CREATED"
-        # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
-        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
-        assert driver.placement.options("learner-0")["num_cpus"] == 0.5
-        assert driver.placement.options("sampler-1")["num_cpus"] == 1.0
-        assert driver.placement.threads == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
-        driver.fit()
-    finally:
-        driver.shutdown()
-
-
 def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp_path):
     """Prometheus scrapes each node's metrics endpoint; the ddpo metrics are there mid-run."""
     import threading
@@ -238,12 +240,6 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp
     assert len(events.Images("samples")) == 4
 
 
-@pytest.fixture(scope="module")
-def undisturbed(ray_session, tmp_path_factory):
-    config = tiny_config(tmp_path_factory.mktemp("undisturbed"), **{"num_epochs": 3})
-    return _run(config)
-
-
 @pytest.mark.parametrize("process_title", ["ray::SamplerActor", "ray::RewardActor"])
 def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tmp_path, undisturbed, process_title):
     """SIGKILL the actor's process from outside once epoch 1 is under way: Ray restarts it, the
@@ -251,7 +247,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
     import threading
     import time
 
-    config = tiny_config(tmp_path, **{"num_epochs": 3, "run_name": "killed"})
+    config = tiny_config(tmp_path, run_name="killed", **UNDISTURBED)
     metrics_path = tmp_path / "killed" / "metrics.jsonl"
     killed, stop = [], threading.Event()
 
@@ -274,7 +270,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
     assert killed, f"no {process_title} process was found to kill"
     assert [m["num_samples"] for m in history] == [8, 8, 8]
     assert all(m["duplicate_batches"] == 0 and m["dropped_stale"] == 0 for m in history)
-    reference_history, (reference_version, reference_weights) = undisturbed
+    reference_history, (reference_version, reference_weights), _ = undisturbed
     assert version == reference_version == 3
     assert [m["reward_mean"] for m in history] == [m["reward_mean"] for m in reference_history]
     for key in weights:
