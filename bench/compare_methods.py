@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from cluster.driver import Driver  # noqa: E402
+from cluster.local import start_local_ray  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import Config, load_config  # noqa: E402
 
@@ -118,7 +119,7 @@ def main() -> None:
     variants = {name: o for name, o in variants.items() if args.methods is None or name in args.methods}
 
     results: dict[str, list[dict]] = {name: [] for name in variants}
-    ray.init(include_dashboard=False, namespace="ddpo-compare", log_to_driver=False)
+    start_local_ray(include_dashboard=False, namespace="ddpo-compare", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             output = args.output or Path(scratch)

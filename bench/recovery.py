@@ -31,6 +31,7 @@ from ray.util.state import list_actors  # noqa: E402
 
 from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
+from cluster.local import start_local_ray  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    start_local_ray(namespace="ddpo", include_dashboard=True, log_to_driver=False)
     with tempfile.TemporaryDirectory() as output_dir:
         figures = {name: run(name, args, output_dir) for name in ["sampler-0", "reward-0"]}
     ray.shutdown()

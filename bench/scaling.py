@@ -33,6 +33,7 @@ import ray  # noqa: E402
 
 from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
+from cluster.local import start_local_ray  # noqa: E402
 from cluster.metrics import ROLES  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     results = []
-    ray.init(include_dashboard=False, namespace="ddpo-bench", log_to_driver=False)
+    start_local_ray(include_dashboard=False, namespace="ddpo-bench", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as output_dir:
             for layout in args.layouts:

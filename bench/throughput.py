@@ -30,6 +30,7 @@ from actors.reward import RewardWorker  # noqa: E402
 from actors.sampler import Sampler  # noqa: E402
 from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
+from cluster.local import start_local_ray  # noqa: E402
 from cluster.inprocess import InProcessRun  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> None:
         inprocess_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        ray.init(include_dashboard=False, namespace="ddpo-bench", log_to_driver=False)
+        start_local_ray(include_dashboard=False, namespace="ddpo-bench", log_to_driver=False)
         ray_init_s = time.perf_counter() - start
         try:
             lag0_s, lag0 = bench_ray(_config(args, output_dir, "lag0"))

@@ -1,6 +1,6 @@
 """The `ddpo` command line.
 
-    ddpo train [--config FILE] [--set key=value ...] [--address ADDRESS] [--resume RUN_DIR]
+    ddpo train [--config FILE] [--set key=value ...] [--address ADDRESS] [--resume RUN_DIR] [--tensorboard]
     ddpo sample RUN_DIR [--checkpoint NAME | --base] [--prompt P ...] [--num-per-prompt N] [--seed S]
                 [--out DIR] [--batch-size B] [--set key=value ...]
     ddpo eval RUN_DIR [--checkpoint NAME | --base] [--num-per-prompt N] [--seed S] [--out FILE.json]
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -210,7 +211,7 @@ def train(args) -> int:
 
     from cluster.driver import ActorLost, Driver
     from cluster.metrics import bottleneck_hint, busy_summary
-    from cluster.run_dir import latest_checkpoint, make_run_dir, truncate_metrics
+    from cluster.run_dir import latest_checkpoint, make_run_dir, start_tensorboard, truncate_metrics
 
     if args.resume is None:
         run_dir, checkpoint = make_run_dir(config), None
@@ -218,8 +219,11 @@ def train(args) -> int:
         run_dir, checkpoint = Path(args.resume), latest_checkpoint(Path(args.resume))
         if checkpoint is None:
             raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
-    if address is None:  # local single-node mode: everything on loopback
-        context = ray.init(namespace="ddpo", include_dashboard=True, dashboard_host="127.0.0.1")
+    if address is None:  # local single-node mode: every socket on loopback (cluster/local.py)
+        from cluster.local import start_local_ray
+
+        # Ray's own INFO lines left out: the dashboard's URL is printed below
+        context = start_local_ray(namespace="ddpo", include_dashboard=True, logging_level=logging.WARNING)
     else:
         try:
             context = ray.init(address=address, namespace="ddpo")
@@ -231,6 +235,8 @@ def train(args) -> int:
     token = " (token: run `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"run directory: {run_dir.resolve()}")
     print(f"Ray dashboard: http://{dashboard}{token}" if dashboard else "Ray dashboard: not running")
+    if args.tensorboard:
+        print(f"TensorBoard: {start_tensorboard(run_dir / 'tensorboard')} (live curves of this run)", flush=True)
     driver = None
     try:
         driver = Driver(config, run_dir)
@@ -350,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join: auto, ray://host:10001 or host:6379 (default: start a local one)")
     p.add_argument("--resume", type=_nonempty, metavar="RUN_DIR",
                    help="go on with the run in RUN_DIR from its latest checkpoint (its config.yaml, plus any --set)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="serve TensorBoard for the run on 127.0.0.1 while it runs, and print its URL")
     p.set_defaults(func=train, parser=p)
 
     p = commands.add_parser("sample", help="sample images from a run's checkpoint (or its base model)")

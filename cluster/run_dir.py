@@ -132,6 +132,17 @@ def write_curves(run_dir: Path) -> None:
     plt.close(fig)
 
 
+def start_tensorboard(logdir: Path) -> str:
+    """TensorBoard for `logdir`, served on 127.0.0.1 at a free port from a daemon thread of this
+    process (it stops when the process ends); returns its URL."""
+    from tensorboard import program
+
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0",
+                          "--reload_interval", "2", "--load_fast", "false"])
+    return board.launch()
+
+
 class RunRecorder:
     """Writes each epoch into the run directory: trajectories (Parquet), the sample grid, the
     metrics line, TensorBoard scalars and grid (`tensorboard/`), and the curves PNG (every

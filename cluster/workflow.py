@@ -11,6 +11,7 @@ behind the reward pool as in training. Every problem the user can fix is a one-l
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -274,7 +275,9 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
 
     started = not ray.is_initialized()
     if started and address is None:  # local mode: loopback only, no dashboard for a short job
-        ray.init(namespace="ddpo", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        from cluster.local import start_local_ray
+
+        start_local_ray(namespace="ddpo", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     elif started:
         ray.init(address=address, namespace="ddpo", log_to_driver=False)
     c = config.cluster

@@ -115,8 +115,10 @@ def ray_session():
     """One local Ray instance for the whole test session (dashboard off, loopback only)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="ddpo-tests", log_to_driver=False,
-             _node_ip_address="127.0.0.1", _system_config={"metrics_report_interval_ms": 500})
+    from cluster.local import start_local_ray
+
+    start_local_ray(num_cpus=4, include_dashboard=False, namespace="ddpo-tests", log_to_driver=False,
+                    _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()
 
