@@ -16,12 +16,13 @@ exit status 2, before anything starts where it can be seen then: a bad flag (arg
 errors too), config value, device or `--address` (its form, and whether its port answers).
 Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
 
-After a run (in this process, no Ray): `ddpo sample` draws images from a checkpoint's LoRA (the
-latest by default) or from the base model (`--base`) with the run's model and sampler settings,
-the same images for the same command; `ddpo eval` scores them with the run's reward (or another
-through --set reward...), the reward on Ray in the reward pool as in training, and prints and
-writes the mean and standard error overall and per prompt; `ddpo export` writes a checkpoint as a diffusers folder
-with a model card: the LoRA alone, or with `--merge` fused into the base pipeline (cluster/workflow.py).
+After a run (cluster/workflow.py; the model runs in this process): `ddpo sample` draws images
+from a checkpoint's LoRA (the latest by default) or from the base model (`--base`) with the run's
+model and sampler settings, the same images for the same command; `ddpo eval` scores them with
+the run's reward (or another through --set reward...), the reward on Ray in the reward pool as
+in training, and prints and writes the mean and standard error overall and per prompt; `ddpo
+export` writes a checkpoint as a diffusers folder with a model card: the LoRA alone, or with
+`--merge` fused into the base pipeline.
 """
 
 from __future__ import annotations
