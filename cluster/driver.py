@@ -11,6 +11,7 @@ k = 0 is the paper's synchronous algorithm.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -23,7 +24,7 @@ import ray
 from tqdm.auto import tqdm
 
 from cluster import ACTOR_ENV
-from cluster.metrics import ROLES, DriverMetrics
+from cluster.metrics import ROLES, DriverMetrics, install_grafana_dashboard
 from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
 from cluster.remote_policy import LearnerActor, SamplerActor
@@ -85,6 +86,7 @@ class Driver:
         self.policy_version = 0
         self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
         self.metrics = DriverMetrics()
+        self.grafana_dashboard = self._install_grafana_dashboard()
         self.recorder = RunRecorder(run_dir)
         # set on Ctrl-C (by `ddpo train`): fit() returns after the epoch under way
         self.stop_requested = threading.Event()
@@ -106,6 +108,18 @@ class Driver:
         self.reward_pool = RewardPool(self.reward_actors, " + ".join(t.name for t in config.reward.terms()),
                                       config.reward.max_batch_images, config.reward.timeout_s)
         self.busy_seconds = dict.fromkeys(self.named_actors, 0.0)  # per actor, at the last epoch's end
+
+    @staticmethod
+    def _install_grafana_dashboard() -> Path | None:
+        """The DDPO dashboard beside Ray's own, for Grafana started with Ray's generated config
+        (on the head node; None elsewhere). A monitoring aid: a failure to write it is reported,
+        and the run goes on."""
+        context = ray.get_runtime_context()
+        try:
+            return install_grafana_dashboard(Path(context.get_temp_dir()) / context.get_session_name())
+        except OSError as err:
+            print(f"the Grafana dashboard was not installed: {err}", file=sys.stderr)
+            return None
 
     def _start(self, cls, name: str, *args, restartable: bool = False):
         """The actor `name` of class `cls`, in its bundle, with its torch threads."""

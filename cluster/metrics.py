@@ -1,14 +1,18 @@
 """Run metrics exported through Ray (`ray.util.metrics`, scraped by Prometheus from each node's
 metrics endpoint, where they appear with Ray's `ray_` prefix: `ray_ddpo_reward_mean`, ...).
-The Grafana dashboard in `cluster/grafana_dashboard.json` plots them."""
+The Grafana dashboard in `cluster/grafana_dashboard.json` plots them; the driver puts it beside
+Ray's own dashboards, where Grafana started with Ray's generated config finds it."""
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from ray.util.metrics import Counter, Gauge
 
+DASHBOARD = Path(__file__).with_name("grafana_dashboard.json")
 ROLES = ("sampler", "learner", "reward")
 _COUNT_KEYS = {"sampler": "cluster.num_samplers", "learner": "cluster.num_learners",
                "reward": "cluster.num_reward_actors"}
@@ -41,6 +45,31 @@ def bottleneck_hint(busy: dict[str, float], layout: str, max_policy_lag: int) ->
     if max_policy_lag == 0:
         line += " (at max_policy_lag 0 samplers and learners take turns: cluster.layout colocated keeps both busy)"
     return line
+
+
+def grafana_dashboards_dir(session_dir: Path) -> Path:
+    """The folder that Ray's generated Grafana provisioning loads dashboards from
+    (`<session dir>/metrics/grafana/provisioning/dashboards/default.yml` names it), found as
+    Ray's dashboard finds it (ray/dashboard/modules/metrics/metrics_head.py), from the same
+    environment variables."""
+    root = os.environ.get("RAY_METRICS_OUTPUT_ROOT", os.path.join(session_dir, "metrics"))
+    return Path(os.environ.get("RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR", os.path.join(root, "grafana", "dashboards")))
+
+
+def install_grafana_dashboard(session_dir: Path) -> Path | None:
+    """Copy the DDPO dashboard into Ray's Grafana dashboards folder, beside Ray's own, so that a
+    Grafana started with Ray's generated `grafana.ini` lists it (folder "Ray", title "DDPO").
+    Ray's dashboard writes that folder on the head node when it starts, clearing what was there:
+    the driver, on the head node (a local run, `ray job submit`), copies it in after. Returns
+    where it went; None where the folder is not on this node or Ray runs no dashboard."""
+    folder = grafana_dashboards_dir(session_dir)
+    if not folder.is_dir():
+        return None
+    target = folder / "ddpo_grafana_dashboard.json"
+    partial = folder / f".{target.name}.partial"  # Grafana reads *.json: never a half-written one
+    partial.write_bytes(DASHBOARD.read_bytes())
+    os.replace(partial, target)
+    return target
 
 
 class ActorMetrics:

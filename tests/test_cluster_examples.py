@@ -1,5 +1,6 @@
 """The example cluster files name the right entrypoint and offer what the config asks for."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -69,3 +70,16 @@ def test_kuberay_rayjob_runs_the_aesthetic_config_on_enough_gpus():
     image = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     assert all(g["template"]["spec"]["containers"][0]["image"] == image for g in groups)
     assert "pip install" in (ROOT / "cluster" / "Dockerfile").read_text()
+
+
+def test_kuberay_head_points_the_dashboard_at_prometheus_and_grafana():
+    """The Ray dashboard's Metrics tab reads RAY_PROMETHEUS_HOST and RAY_GRAFANA_HOST from the
+    head's environment (ray/dashboard/modules/metrics/metrics_head.py); Grafana runs in its own
+    pod, so the browser fetches its panels from RAY_GRAFANA_IFRAME_HOST. Each is a URL."""
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob_sd15_aesthetic.yaml").read_text())
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {var["name"]: var["value"] for var in head.get("env", [])}
+    for name in ["RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"]:
+        assert re.fullmatch(r"http://[a-z0-9.-]+:\d+", env.get(name, "")), f"{name} in the head's env: {env}"
+    assert env["RAY_PROMETHEUS_HOST"].endswith(".svc:9090")  # in-cluster services, as in KubeRay's docs
+    assert ".svc:" in env["RAY_GRAFANA_HOST"]
