@@ -4,6 +4,8 @@ to run by hand when the UI changes, not a CI test. About 2 min on 2 CPU cores.
 
     python scripts/screenshots.py [--out docs] [--epochs 20] [--chromium chromium]
 
+It needs Debian's `chromium` and the `websockets` package (in the venv `make test` builds).
+
 1. starts `ddpo train` on the embedded digits model (output in a temporary directory) and reads
    the Ray dashboard's URL from its stdout;
 2. starts headless Chromium with its DevTools port open and, over the DevTools protocol, sets
