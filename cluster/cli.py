@@ -238,6 +238,8 @@ def train(args) -> int:
     print(f"Ray dashboard: http://{dashboard}{token}" if dashboard else "Ray dashboard: not running")
     if args.tensorboard:
         print(f"TensorBoard: {start_tensorboard(run_dir / 'tensorboard')} (live curves of this run)", flush=True)
+    else:
+        print("TensorBoard: not served; add --tensorboard for the live curves of this run")
     driver = None
     try:
         driver = Driver(config, run_dir)

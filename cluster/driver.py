@@ -46,7 +46,7 @@ class SampleTask:
     summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
 
 
-def _restartable(max_restarts: int) -> dict:
+def restart_options(max_restarts: int) -> dict:
     """A restartable actor also reruns the tasks it had in flight (at least once: batch ids
     keep a rerun from counting twice)."""
     return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
@@ -105,7 +105,7 @@ class Driver:
         except Exception:
             self.shutdown()
             raise
-        self.reward_pool = RewardPool(self.reward_actors, " + ".join(t.name for t in config.reward.terms()),
+        self.reward_pool = RewardPool(self.reward_actors, config.reward.label,
                                       config.reward.max_batch_images, config.reward.timeout_s)
         self.busy_seconds = dict.fromkeys(self.named_actors, 0.0)  # per actor, at the last epoch's end
 
@@ -124,7 +124,7 @@ class Driver:
     def _start(self, cls, name: str, *args, restartable: bool = False):
         """The actor `name` of class `cls`, in its bundle, with its torch threads."""
         options = {**self.placement.options(name), "runtime_env": {"env_vars": ACTOR_ENV},
-                   **_restartable(self.config.cluster.max_restarts if restartable else 0)}
+                   **restart_options(self.config.cluster.max_restarts if restartable else 0)}
         return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(**options).remote(
             *args, self.placement.threads[name])
 
@@ -296,8 +296,9 @@ class Driver:
             started, epoch_start = epoch_start, now
             time_broadcast, time_epoch = now - broadcast_start, now - started
             # the next epoch's sampling needs only the weights just put: it runs while this
-            # epoch is recorded
-            sample_up_to(epoch + 1 + max_lag)
+            # epoch is recorded (none after a Ctrl-C: this epoch is the last)
+            if not self.stop_requested.is_set():
+                sample_up_to(epoch + 1 + max_lag)
             busy = self.busy_fractions(time_epoch)
 
             # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due

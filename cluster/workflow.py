@@ -228,10 +228,10 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     """Score a checkpoint (the latest by default; the base model with `base`) with the run's
     reward (or the one `overrides` set): `num_per_prompt` images of each of the run's prompts,
     image i from seed `sample_seed(seed, i)` as `ddpo sample` draws them, sampled here; the
-    reward runs on Ray in reward actors behind the reward pool, as in training (a local Ray
-    instance unless `address` names a cluster (`ddpo eval` passes RAY_ADDRESS's inside a job), or
-    Ray is already initialised). Writes the
-    report as JSON to `out` (default `RUN_DIR/eval_<checkpoint name>.json`, or `eval_base.json`):
+    reward runs on Ray in reward actors behind the reward pool, as in training: on the cluster
+    at `address` (`ddpo eval` passes RAY_ADDRESS's inside a job), on the Ray instance this process
+    already has, or else on a local one. Writes the report as JSON to `out` (default
+    `RUN_DIR/eval_<checkpoint name>.json`, or `eval_base.json`):
     the reward's mean and standard error overall and per prompt, and the means of the reward's
     numeric extras (a judge's accuracy)."""
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
@@ -252,14 +252,10 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     table = _score_on_ray(config, records, address)
     report = eval_report(table, prompts)
     report = {"checkpoint": ckpt.name if ckpt else None, "epochs_trained": epochs,
-              "base_model": config.model.pretrained, "reward": reward_name(config),
+              "base_model": config.model.pretrained, "reward": config.reward.label,
               "num_per_prompt": num_per_prompt, "seed": seed, **report}
     out.write_text(json.dumps(report, indent=1) + "\n")
     return EvalResult(out, report, ckpt)
-
-
-def reward_name(config: Config) -> str:
-    return " + ".join(t.name for t in config.reward.terms())
 
 
 def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None) -> pa.Table:
@@ -269,6 +265,7 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
     import ray
 
     from cluster import ACTOR_ENV
+    from cluster.driver import restart_options
     from cluster.remote import CONCURRENCY_GROUPS, RewardActor
     from cluster.reward_pool import RewardPool
     from cluster.run_dir import with_rewards
@@ -286,11 +283,11 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
     threads = max(1, int(num_cpus)) if resources.num_threads == "auto" else resources.num_threads
     actors = [ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor).options(
         num_cpus=num_cpus, num_gpus=resources.num_gpus, resources=resources.resources,
-        runtime_env={"env_vars": ACTOR_ENV}, max_restarts=c.max_restarts, max_task_retries=-1 if c.max_restarts else 0,
+        runtime_env={"env_vars": ACTOR_ENV}, **restart_options(c.max_restarts),
     ).remote(config.reward, threads) for _ in range(c.num_reward_actors)]
     try:
         ray.get([actor.ready.remote() for actor in actors])
-        pool = RewardPool(actors, reward_name(config), config.reward.max_batch_images, config.reward.timeout_s)
+        pool = RewardPool(actors, config.reward.label, config.reward.max_batch_images, config.reward.timeout_s)
         for record in records:
             pool.submit(ray.put(record), record.num_rows)
         scored = {}

@@ -156,6 +156,11 @@ class RewardConfig:
     def terms(self) -> list[RewardTerm]:
         return list(self.weighted) or [RewardTerm(self.name, 1.0, dict(self.params))]
 
+    @property
+    def label(self) -> str:
+        """The reward's name in messages and reports: `aesthetic`, or `jpeg_compressibility + digit_judge`."""
+        return " + ".join(term.name for term in self.terms())
+
 
 @dataclass
 class ActorResources:

@@ -80,6 +80,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted
     assert proc.returncode == 130, err[-2000:]
     assert "Ctrl-C: stopping after this epoch (Ctrl-C again to stop now)" in err
     assert f"go on with: ddpo train --resume {interrupted}" in out
+    assert "\nTensorBoard: not served; add --tensorboard for the live curves of this run\n" in out
     checkpoints = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
     assert checkpoints and checkpoints[-1] < f"epoch_{EPOCHS - 1:04d}"  # it stopped before the end
 
