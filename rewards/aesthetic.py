@@ -23,6 +23,18 @@ from rewards import RewardError
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def clip_settings(device: str, dtype: str, batch_size: int) -> tuple[torch.device, torch.dtype, int]:
+    """A CLIP reward's `device` (`auto`: cuda when there is one), `dtype` and `batch_size`
+    params, checked: one-line RewardErrors naming the param."""
+    if dtype not in DTYPES:
+        raise RewardError(f"reward.params.dtype: must be one of {list(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise RewardError(f"reward.params.batch_size: must be >= 1, got {batch_size}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device), getattr(torch, dtype), batch_size
+
+
 class AestheticMLP(torch.nn.Module):
     """The predictor's head: no activations, so it is one affine map in five factors. Its
     state-dict keys are `layers.{0,2,4,6,7}.{weight,bias}`, as in the published file."""
@@ -95,14 +107,7 @@ class AestheticScore:
     def __init__(self, clip_model: str = "openai/clip-vit-large-patch14",
                  head: str = "trl-lib/ddpo-aesthetic-predictor", head_filename: str = "aesthetic-model.pth",
                  device: str = "auto", dtype: str = "float32", batch_size: int = 32):
-        if dtype not in DTYPES:
-            raise RewardError(f"reward.params.dtype: must be one of {list(DTYPES)}, got {dtype!r}")
-        if batch_size < 1:
-            raise RewardError(f"reward.params.batch_size: must be >= 1, got {batch_size}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.dtype, self.batch_size = getattr(torch, dtype), batch_size
+        self.device, self.dtype, self.batch_size = clip_settings(device, dtype, batch_size)
         state = _load_state_dict(_head_file(head, head_filename))
         _check_local_or_repo_id(clip_model, "clip_model")
         try:

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from rewards import RewardError
-from rewards.aesthetic import DTYPES, _check_local_or_repo_id, _reason
+from rewards.aesthetic import _check_local_or_repo_id, _reason, clip_settings
 
 
 def _features(output) -> torch.Tensor:
@@ -30,14 +30,7 @@ class PickScore:
     def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                  device: str = "auto", dtype: str = "float32", batch_size: int = 32):
-        if dtype not in DTYPES:
-            raise RewardError(f"reward.params.dtype: must be one of {list(DTYPES)}, got {dtype!r}")
-        if batch_size < 1:
-            raise RewardError(f"reward.params.batch_size: must be >= 1, got {batch_size}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.dtype, self.batch_size = getattr(torch, dtype), batch_size
+        self.device, self.dtype, self.batch_size = clip_settings(device, dtype, batch_size)
         _check_local_or_repo_id(model, "model")
         _check_local_or_repo_id(processor, "processor")
         try:

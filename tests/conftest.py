@@ -80,6 +80,28 @@ def ray_processes(title: str) -> list:
     return found
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def kill_leftovers(procs: list, timeout: float = 5.0) -> None:
+    """Give `procs` (psutil processes asked to stop) `timeout` seconds to end, then kill the rest."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for leftover in alive:
+        try:
+            leftover.kill()
+        except psutil.Error:  # it ended meanwhile
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
 def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) -> str:
     """Run `driver.fit()` while a thread calls `kill()` once `metrics_path` holds
     `epochs_recorded` lines; the run must end in the actor's death. Shuts the driver down and

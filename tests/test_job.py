@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,13 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import free_port, kill_leftovers
+
 BIN = Path(sys.executable).parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_session(leader_pid):
@@ -38,26 +33,20 @@ def _stop_session(leader_pid):
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    kill_leftovers(procs)
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("head")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the head's env runs the job
     log = open(tmp_path / "head.log", "w")
     temp_dir = tempfile.mkdtemp(prefix="ddpo-ray-")  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )

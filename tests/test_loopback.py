@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.conftest import free_port, kill_leftovers
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The driver: a local instance as `ddpo train` starts it (dashboard on), one actor; it writes
@@ -57,12 +59,6 @@ LISTENERS = {
 NOT_LOOPBACK = {}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def is_loopback(ip: str) -> bool:
     """127.0.0.0/8, ::1, or IPv4 loopback in an IPv6 dual-stack socket (::ffff:127.0.0.1: gRPC's)."""
     address = ipaddress.ip_address(ip.split("%")[0])
@@ -105,13 +101,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pass
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    for leftover in alive:
-        try:
-            leftover.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    kill_leftovers(tree)
 
 
 def test_a_local_instance_listens_on_loopback_only(tmp_path):

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no `prometheus` on PATH (.ci/run installs Debian's "
@@ -57,12 +58,6 @@ def shutdown_when_released(*args, **kwargs):
 ray.shutdown = shutdown_when_released
 sys.exit(main(sys.argv[2:]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get_json(url: str):
@@ -122,7 +117,7 @@ def test_prometheus_scrapes_the_run_with_rays_generated_config(tmp_path):
         assert Path(sd_file) == session / "prom_metrics_service_discovery.json"  # this session's endpoints
         config["global"] = {"scrape_interval": "500ms", "scrape_timeout": "500ms", "evaluation_interval": "500ms"}
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = _free_port()
+        port = free_port()
         with (tmp_path / "prometheus.log").open("w") as prometheus_log:
             prometheus = subprocess.Popen(
                 [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
