@@ -286,19 +286,10 @@ def train(args) -> int:
     return 0
 
 
-def _check_run_device(args) -> None:
-    """`ddpo sample` and `ddpo eval` run the model in this process: its device must be here."""
-    from cluster.workflow import open_run
-
-    _, config = open_run(args.run_dir, args.set)
-    check_device_here(config.model.device, "model.device", "use --set model.device=cpu or auto")
-
-
 def sample(args) -> int:
     _check_seed(args.seed)
     from cluster.workflow import sample_run
 
-    _check_run_device(args)
     result = sample_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, prompts=args.prompt,
                         num_per_prompt=args.num_per_prompt, seed=args.seed, out=args.out, overrides=args.set,
                         batch_size=args.batch_size)
@@ -313,7 +304,6 @@ def evaluate(args) -> int:
     address, _ = ray_address(args.address)  # before the images are sampled
     from cluster.workflow import eval_run
 
-    _check_run_device(args)
     result = eval_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, num_per_prompt=args.num_per_prompt,
                       seed=args.seed, out=args.out, overrides=args.set, batch_size=args.batch_size,
                       address=address)
@@ -335,17 +325,20 @@ def export(args) -> int:
 
     if not args.merge and (args.device is not None or args.dtype is not None):
         raise UsageError("--device/--dtype: only with --merge (the LoRA alone is copied as it is)")
-    if args.device is not None:
-        from ddpo.config import check_device
-
-        check_device(args.device, "--device")
-        check_device_here(args.device, "--device", "use cpu")
     result = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge,
                         device=args.device or "cpu", dtype=args.dtype or "float32")
     name = f"{result.checkpoint.name} ({result.epochs} epochs trained)"
     what = f"{name} fused into the base pipeline" if result.merged else f"the LoRA of {name}"
     print(f"exported {what} to {result.out} (model card: {result.out / 'README.md'})")
     return 0
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, base: bool) -> None:
+    """RUN_DIR and --checkpoint (and --base) of the commands that work on a run's checkpoint."""
+    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
+    if base:
+        p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=train, parser=p)
 
     p = commands.add_parser("sample", help="sample images from a run's checkpoint (or its base model)")
-    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
-    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
-    p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
+    _add_run_arguments(p, base=True)
     p.add_argument("--prompt", action="append", metavar="P",
                    help="a prompt (repeatable; default: the run's prompts)")
     p.add_argument("--num-per-prompt", type=int, default=4, metavar="N", help="images per prompt (default 4)")
@@ -380,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=sample, parser=p)
 
     p = commands.add_parser("eval", help="score a run's checkpoint (or its base model) with the run's reward")
-    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
-    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
-    p.add_argument("--base", action="store_true", help="the base model, without the LoRA")
+    _add_run_arguments(p, base=True)
     p.add_argument("--num-per-prompt", type=int, default=50, metavar="N",
                    help="images per prompt of the run (default 50, as the DDPO paper evaluates)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
@@ -397,9 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=evaluate, parser=p)
 
     p = commands.add_parser("export", help="write a checkpoint as a diffusers folder with a model card")
-    p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
+    _add_run_arguments(p, base=False)
     p.add_argument("--out", type=_nonempty, required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--checkpoint", type=_nonempty, metavar="NAME", help="e.g. epoch_0007 (default: the latest)")
     p.add_argument("--merge", action="store_true",
                    help="fuse the LoRA into the base pipeline and save it whole (default: the LoRA alone)")
     p.add_argument("--device", type=_nonempty, help="with --merge: where to fuse (default cpu)")

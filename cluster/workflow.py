@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from cluster.cli import UsageError
+from cluster.cli import UsageError, check_device_here
 from cluster.run_dir import latest_checkpoint, sample_grid
-from ddpo.config import Config, load_config
+from ddpo.config import Config, check_device, load_config
 from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_TINY
 from rewards import check_rewards
 
@@ -109,8 +109,7 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
     if prompts is not None and not all(p.strip() for p in prompts):
         raise UsageError("--prompt: an empty prompt")
-    run_dir, config = open_run(run_dir, overrides)
-    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base uses the base model")
+    run_dir, config, ckpt = _open_for_sampling(run_dir, overrides, checkpoint, base)
     prompts = list(dict.fromkeys(prompts or config.load_prompts()))
     out = Path(out) if out is not None else run_dir / f"samples_{ckpt.name if ckpt else 'base'}"
     if out.exists() and not out.is_dir():
@@ -143,6 +142,15 @@ def _check_sampling(checkpoint: str | None, base: bool, num_per_prompt: int, bat
         raise UsageError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {batch_size}")
+
+
+def _open_for_sampling(run_dir: str | Path, overrides: list[str] | None, checkpoint: str | None,
+                       base: bool) -> tuple[Path, Config, Path | None]:
+    """The run, its config (the model runs in this process: its device must be here) and the
+    checkpoint to sample (None: the base model)."""
+    run_dir, config = open_run(run_dir, overrides)
+    check_device_here(config.model.device, "model.device", "use --set model.device=cpu or auto")
+    return run_dir, config, None if base else find_checkpoint(run_dir, checkpoint, hint="; --base uses the base model")
 
 
 def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int, batch_size: int | None,
@@ -235,9 +243,8 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     the reward's mean and standard error overall and per prompt, and the means of the reward's
     numeric extras (a judge's accuracy)."""
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
-    run_dir, config = open_run(run_dir, overrides)
+    run_dir, config, ckpt = _open_for_sampling(run_dir, overrides, checkpoint, base)
     check_rewards(config.reward)
-    ckpt = None if base else find_checkpoint(run_dir, checkpoint, hint="; --base uses the base model")
     out = Path(out) if out is not None else run_dir / f"eval_{ckpt.name if ckpt else 'base'}.json"
     if out.is_dir():
         raise UsageError(f"--out: '{out}' is a folder; name a .json file")
@@ -347,6 +354,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
         raise UsageError(f"--out: '{out}' exists and is not empty; name a new folder")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype: must be float32, float16 or bfloat16, got '{dtype}'")
+    if merge:
+        check_device(device, "--device")
+        check_device_here(device, "--device", "use cpu")
     run_dir, config = open_run(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
     epochs = epochs_trained(ckpt)
@@ -369,15 +379,9 @@ def _merge(config: Config, checkpoint: Path, out: Path, device: str, dtype: str)
     """The base pipeline with the LoRA fused in, through diffusers' own LoRA loader."""
     import torch
 
-    from ddpo.pipeline import _one_line, load_pipeline, resolve_device
+    from ddpo.pipeline import load_pipeline
 
     m = config.model
-    try:
-        where = resolve_device(device)
-    except RuntimeError as err:
-        raise UsageError(f"--device: {_one_line(err)}") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: '{device}': no CUDA device here")
     pipe = load_pipeline(m.pretrained, m.revision, device, dtype, seed=config.seed).pipe
     with torch.no_grad():
         pipe.load_lora_weights(str(checkpoint))
