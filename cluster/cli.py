@@ -182,7 +182,19 @@ def _prepare(args) -> tuple:
     # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
     config.output_dir = str(Path(config.output_dir).resolve())
+    _check_writable(args.resume or config.output_dir, "--resume" if args.resume else "output_dir")
     return config, address, source
+
+
+def _check_writable(folder: str, field: str) -> None:
+    """The run writes in `folder`: made if missing, and a file written there and removed."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise UsageError(f"{field}: cannot write to '{folder}' ({err.strerror or err})") from None
 
 
 @contextlib.contextmanager
@@ -212,7 +224,7 @@ def train(args) -> int:
 
     from cluster.driver import ActorLost, Driver
     from cluster.metrics import bottleneck_hint, busy_summary
-    from cluster.run_dir import latest_checkpoint, make_run_dir, start_tensorboard, truncate_metrics
+    from cluster.run_dir import latest_checkpoint, make_run_dir, start_tensorboard
 
     if args.resume is None:
         run_dir, checkpoint = make_run_dir(config), None
@@ -247,7 +259,6 @@ def train(args) -> int:
         start_epoch = 0
         if checkpoint is not None:
             start_epoch = driver.resume(checkpoint)
-            truncate_metrics(run_dir, start_epoch)
             print(f"resuming from {checkpoint} at epoch {start_epoch}")
         with _stop_after_epoch_on_ctrl_c(driver):
             history = driver.fit(start_epoch)
@@ -402,9 +413,9 @@ def _user_error(err: BaseException) -> BaseException | None:
     # the error classes of the modules imported so far (no other can have been raised): an
     # early error is not kept waiting seconds while torch and Ray are imported
     classes = {"ddpo.config": "ConfigError", "ddpo.pipeline": "ModelLoadError", "rewards": "RewardError",
-               "cluster.placement": "PlacementError", "cluster.driver": "ActorLost"}
-    fixable = (UsageError, FileExistsError,
-               *(getattr(sys.modules[module], name) for module, name in classes.items() if module in sys.modules))
+               "cluster.placement": "PlacementError", "cluster.driver": "ActorLost WriteFailed"}
+    fixable = (UsageError, FileExistsError, *(getattr(sys.modules[module], name) for module, names in classes.items()
+                                               if module in sys.modules for name in names.split()))
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause

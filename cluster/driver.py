@@ -11,6 +11,7 @@ k = 0 is the paper's synchronous algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -35,8 +36,18 @@ from ddpo.plan import SampleBatchSpec, epoch_plan, eval_plan, fresh_batches
 from ddpo.trajectory import EpochTrajectories
 
 
+# how long a live learner rank may take to answer whether it is alive
+LIVENESS_TIMEOUT_S = 30.0
+
+
 class ActorLost(RuntimeError):
-    """An actor died for good (the learner, or a sampler or reward actor out of restarts)."""
+    """An actor died for good (a sampler or reward actor out of restarts, a learner rank after
+    the learner group's restarts)."""
+
+
+class WriteFailed(RuntimeError):
+    """Writing the run directory failed mid-run (a full disk, say): the run stopped, and the
+    checkpoints written before stay whole."""
 
 
 @dataclass
@@ -96,18 +107,19 @@ class Driver:
                                   for i in range(c.num_reward_actors)]
             if c.reward.num_gpus > 0:  # a vLLM engine sizes its cache from the GPU memory free at
                 self._wait_ready(self.reward_actors)  # its start: start it before the diffusers actors
-            self.learners = [self._start(LearnerActor, f"learner-{rank}", config, rank, c.num_learners)
-                             for rank in range(c.num_learners)]
             self.samplers = [self._start(SamplerActor, f"sampler-{i}", config, restartable=True)
                              for i in range(c.num_samplers)]
+            self.start_learners()
             self._wait_ready(self.actors)
-            self._join_learner_group()
         except Exception:
             self.shutdown()
             raise
-        self.reward_pool = RewardPool(self.reward_actors, config.reward.label,
-                                      config.reward.max_batch_images, config.reward.timeout_s)
+        self.reward_pool = self._reward_pool()
         self.busy_seconds = dict.fromkeys(self.named_actors, 0.0)  # per actor, at the last epoch's end
+        self.learner_restarts = 0  # the learner group's, by `recover_learners`
+        self.in_flight: deque[list[SampleTask]] = deque()  # sampling submitted, an epoch per entry
+        self.next_epoch = 0  # the first epoch whose sampling is not submitted yet
+        self.epoch_start = time.perf_counter()
 
     @staticmethod
     def _install_grafana_dashboard() -> Path | None:
@@ -128,8 +140,17 @@ class Driver:
         return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(**options).remote(
             *args, self.placement.threads[name])
 
-    def _join_learner_group(self) -> None:
-        """Rank 0's rendezvous reaches every rank through the driver; all join together."""
+    def _reward_pool(self) -> RewardPool:
+        reward = self.config.reward
+        return RewardPool(self.reward_actors, reward.label, reward.max_batch_images, reward.timeout_s)
+
+    def start_learners(self) -> None:
+        """The learner group's ranks, each with its model loaded, joined in one group: rank 0's
+        rendezvous reaches every rank through the driver, and all join together."""
+        c = self.config.cluster
+        self.learners = [self._start(LearnerActor, f"learner-{rank}", self.config, rank, c.num_learners)
+                         for rank in range(c.num_learners)]
+        self._wait_ready(self.learners)
         if len(self.learners) == 1:
             return
         nodes = set(ray.get([learner.node_id.remote() for learner in self.learners]))
@@ -164,11 +185,23 @@ class Driver:
     def lost_actor_message(self, err: ray.exceptions.RayActorError) -> str:
         """One line: which actor died, and where the run can go on from."""
         name = next((n for n, a in self.named_actors.items()
-                     if a._actor_id.hex() == getattr(err, "actor_id", None)), "an actor")
+                     if a._actor_id.hex() == getattr(err, "actor_id", None)), None)
+        name = name or next(iter(self.dead_learners()), "an actor")
+        what = "was not restarted"
+        if name.startswith("learner-") and self.learner_restarts:
+            n = self.learner_restarts
+            what = f"the learner group had its {n} restart{'s' if n > 1 else ''} (cluster.learner_max_restarts)"
+        return f"the actor '{name}' died and {what}; {self.resume_hint()}"
+
+    def resume_hint(self) -> str:
+        """Where the run can go on from."""
         checkpoint = latest_checkpoint(self.run_dir)
-        where = (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
-                 else "no checkpoint was written yet (see checkpoint_every)")
-        return f"the actor '{name}' died and was not restarted; {where}"
+        return (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
+                else "no checkpoint was written yet (see checkpoint_every)")
+
+    def write_failed(self, what: str, err: OSError) -> WriteFailed:
+        """One line for a failed write of the run directory: `what` failed with `err`."""
+        return WriteFailed(f"writing {what} failed ({err}); the run stopped; {self.resume_hint()}")
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -230,15 +263,23 @@ class Driver:
         results = get_all([learner.train_on.remote(epoch, trajectory_refs, rewards) for learner in self.learners])
         return results[0]  # the ranks' diagnostics are summed across the group: all the same
 
-    def resume(self, checkpoint: Path) -> int:
-        """Load a checkpoint into every learner rank; returns the epoch to go on from."""
-        versions = get_all([learner.load_checkpoint.remote(checkpoint) for learner in self.learners])
-        self.policy_version = versions[0]
+    def resume(self, checkpoint: Path | None) -> int:
+        """Load a checkpoint into every learner rank (None: they keep their initial weights);
+        the run's record goes on from there. Returns the epoch to go on from."""
+        if checkpoint is not None:
+            versions = get_all([learner.load_checkpoint.remote(checkpoint) for learner in self.learners])
+            self.policy_version = versions[0]
+        self.recorder.restart_at(self.policy_version)
         return self.policy_version
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes it: every rank holds the same state."""
-        return ray.get(self.learners[0].save_checkpoint.remote(self.run_dir / "checkpoints"))
+        try:
+            return ray.get(self.learners[0].save_checkpoint.remote(self.run_dir / "checkpoints"))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, OSError):
+                raise self.write_failed("the checkpoint", err.cause) from None
+            raise
 
     def busy_fractions(self, seconds: float) -> dict[str, float]:
         """Each role's busy fraction since the last call, over `seconds` of wall time: the
@@ -260,56 +301,81 @@ class Driver:
         self.broadcast()
         if start_epoch == 0 and config.eval_images:
             self.evaluate("before")
-        in_flight: deque[list[SampleTask]] = deque()
-        next_epoch = start_epoch
+        self.in_flight.clear()
+        self.next_epoch = start_epoch
+        history: list[dict] = []
+        self.sample_up_to(start_epoch + max_lag)  # sampling runs up to max_lag epochs ahead of the learner
+        self.epoch_start = time.perf_counter()
+        epoch = start_epoch
+        with tqdm(desc="epochs", unit="epoch", initial=start_epoch, total=config.num_epochs) as epochs:
+            while epoch < config.num_epochs:
+                try:
+                    metrics = self.run_epoch(epoch)
+                except ray.exceptions.RayError as err:
+                    epoch = self.recover_learners(err)  # re-raises what a learner's loss does not explain
+                    history = [m for m in history if m["epoch"] < epoch]
+                    epochs.n = epoch
+                    epochs.refresh()
+                    continue
+                epochs.update()
+                epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
+                history.append(metrics)
+                epoch += 1
+                if self.stop_requested.is_set():
+                    return history
+        if config.eval_images:
+            self.evaluate("after")
+        return history
 
-        def sample_up_to(last_epoch: int) -> None:
-            nonlocal next_epoch
-            while next_epoch < config.num_epochs and next_epoch <= last_epoch:
-                in_flight.append(self.submit_sampling(next_epoch))
-                next_epoch += 1
+    def sample_up_to(self, last_epoch: int) -> None:
+        """Submit the sampling of every epoch up to `last_epoch` not submitted yet."""
+        while self.next_epoch < self.config.num_epochs and self.next_epoch <= last_epoch:
+            self.in_flight.append(self.submit_sampling(self.next_epoch))
+            self.next_epoch += 1
 
-        history = []
-        epochs = tqdm(range(start_epoch, config.num_epochs), desc="epochs", unit="epoch",
-                      initial=start_epoch, total=config.num_epochs)
-        sample_up_to(start_epoch + max_lag)  # sampling runs up to max_lag epochs ahead of the learner
-        epoch_start = time.perf_counter()
-        for epoch in epochs:
-            tasks = in_flight.popleft()
-            with tqdm(total=config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
-                      unit="img", leave=False) as progress:
-                scored, sampled_at, scored_at = self.collect(tasks, progress)
-            summaries = ray.get([task.summary_ref for task in tasks])
+    def run_epoch(self, epoch: int) -> dict:
+        """Collect the epoch's samples and rewards, train, put the new weights, record; returns
+        the epoch's metrics."""
+        config = self.config
+        max_lag = config.cluster.max_policy_lag
+        tasks = self.in_flight[0]
+        with tqdm(total=config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
+                  unit="img", leave=False) as progress:
+            scored, sampled_at, scored_at = self.collect(tasks, progress)
+        summaries = ray.get([task.summary_ref for task in tasks])
 
-            # drop batches made with weights more than max_lag versions old
-            fresh = fresh_batches([s.column("policy_version")[0].as_py() for s in summaries],
-                                  self.policy_version, max_lag)
-            train_start = time.perf_counter()
-            learner_metrics = self.train([tasks[i] for i in fresh], [summaries[i] for i in fresh],
-                                         [scored[tasks[i].spec.batch_id][0] for i in fresh])
-            time_train = time.perf_counter() - train_start
-            self.policy_version = learner_metrics.pop("policy_version")
+        # drop batches made with weights more than max_lag versions old
+        fresh = fresh_batches([s.column("policy_version")[0].as_py() for s in summaries],
+                              self.policy_version, max_lag)
+        train_start = time.perf_counter()
+        learner_metrics = self.train([tasks[i] for i in fresh], [summaries[i] for i in fresh],
+                                     [scored[tasks[i].spec.batch_id][0] for i in fresh])
+        time_train = time.perf_counter() - train_start
+        self.policy_version = learner_metrics.pop("policy_version")
 
-            broadcast_start = time.perf_counter()
-            self.broadcast()
-            now = time.perf_counter()
-            started, epoch_start = epoch_start, now
-            time_broadcast, time_epoch = now - broadcast_start, now - started
-            # the next epoch's sampling needs only the weights just put: it runs while this
-            # epoch is recorded (none after a Ctrl-C: this epoch is the last)
-            if not self.stop_requested.is_set():
-                sample_up_to(epoch + 1 + max_lag)
-            busy = self.busy_fractions(time_epoch)
+        broadcast_start = time.perf_counter()
+        self.broadcast()
+        self.in_flight.popleft()
+        now = time.perf_counter()
+        started, self.epoch_start = self.epoch_start, now
+        time_broadcast, time_epoch = now - broadcast_start, now - started
+        # the next epoch's sampling needs only the weights just put: it runs while this
+        # epoch is recorded (none after a Ctrl-C: this epoch is the last)
+        if not self.stop_requested.is_set():
+            self.sample_up_to(epoch + 1 + max_lag)
+        busy = self.busy_fractions(time_epoch)
 
-            # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
-            if is_checkpoint_epoch(config, epoch):
-                self.save_checkpoint()
-            trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
+        # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
+        if is_checkpoint_epoch(config, epoch):
+            self.save_checkpoint()
+        trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
+        try:
             metrics = self.recorder.record_epoch(
                 epoch, self.policy_version,
                 table=pa.Table.from_batches(trajectories),
                 scored=[scored[task.spec.batch_id] for task in tasks],
-                learner_metrics={**learner_metrics, **{f"busy_{role}": busy[role] for role in ROLES}},
+                learner_metrics={**learner_metrics, **{f"busy_{role}": busy[role] for role in ROLES},
+                                 "learner_restarts": self.learner_restarts},
                 dropped_stale=len(tasks) - len(fresh),
                 # sampling may have started during the last epoch's recording (lag 0) or epochs
                 # before (lag >= 1): the time it held this epoch up counts
@@ -317,11 +383,64 @@ class Driver:
                          "time_train_s": time_train, "time_broadcast_s": time_broadcast,
                          "time_epoch_s": time_epoch},
             )
-            self.metrics.epoch(metrics)
-            epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
-            history.append(metrics)
-            if self.stop_requested.is_set():
-                return history
-        if config.eval_images:
-            self.evaluate("after")
-        return history
+        except OSError as err:
+            raise self.write_failed("the run directory", err) from None
+        self.metrics.epoch(metrics)
+        return metrics
+
+    # -- learner recovery ---------------------------------------------------------------------
+
+    def dead_learners(self) -> list[str]:
+        """The learner ranks that have died (a live rank answers on its report thread, also
+        while it waits in a collective)."""
+        dead = []
+        for rank, learner in enumerate(self.learners):
+            try:
+                ray.get(learner.busy_seconds.remote(), timeout=LIVENESS_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                dead.append(f"learner-{rank}")
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
+
+    def recover_learners(self, err: ray.exceptions.RayError) -> int:
+        """After `err`: when a learner rank has died, and restarts are left
+        (`cluster.learner_max_restarts`), start the whole group again from the run's latest
+        checkpoint (or from the initial weights) and return the epoch to replay from; the
+        samplers resample those epochs' batches, the same batch ids and seeds (at lag 0 the
+        same samples, so the run ends as if undisturbed). A rank that dies while the group
+        restarts takes another restart. Otherwise re-raise `err`."""
+        while True:
+            dead = self.dead_learners()
+            if not dead or self.learner_restarts >= self.config.cluster.learner_max_restarts:
+                raise err
+            self.learner_restarts += 1
+            try:
+                return self._restart_learners(dead)
+            except ray.exceptions.RayError as again:
+                err = again
+
+    def _restart_learners(self, dead: list[str]) -> int:
+        started = time.perf_counter()
+        for learner in self.learners:  # the survivors wait in a collective with the dead rank
+            ray.kill(learner)
+        for learner in self.learners:  # their names are free once Ray has them dead
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(learner.busy_seconds.remote())
+        self.start_learners()
+        self.policy_version = 0
+        checkpoint = latest_checkpoint(self.run_dir)
+        epoch = self.resume(checkpoint)
+        # sampling and scoring under way are dropped: the epochs from `epoch` on are redone
+        self.in_flight.clear()
+        self.next_epoch = epoch
+        self.reward_pool = self._reward_pool()
+        self.broadcast()
+        self.sample_up_to(epoch + self.config.cluster.max_policy_lag)
+        self.epoch_start = time.perf_counter()
+        source = checkpoint.name if checkpoint is not None else "the initial weights"
+        print(f"{', '.join(dead)} died: the learner group was restarted from {source} in "
+              f"{time.perf_counter() - started:.1f} s (restart {self.learner_restarts} of "
+              f"cluster.learner_max_restarts={self.config.cluster.learner_max_restarts}); "
+              f"epochs {epoch} on are redone", file=sys.stderr, flush=True)
+        return epoch

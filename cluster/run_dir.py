@@ -158,6 +158,15 @@ class RunRecorder:
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.curves_stale = False
 
+    def restart_at(self, epoch: int) -> None:
+        """Go on from `epoch` (a resume, a restarted learner group): the metrics of later epochs
+        are dropped, and TensorBoard hides its events of those steps (`purge_step`)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        truncate_metrics(self.run_dir, epoch)
+        self.tensorboard.close()
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=epoch)
+
     def close(self) -> None:
         if self.curves_stale:
             write_curves(self.run_dir)

@@ -191,9 +191,12 @@ class ClusterConfig:
     # up to k versions old (decoupled PPO corrects for it); older batches are dropped and counted
     max_policy_lag: int = 0
     # a sampler or reward actor that dies is restarted up to this many times, and the tasks it
-    # had in flight are run again on it (a batch id still counts once); the learner holds the
-    # training state and is not restarted: a run whose learner dies resumes from a checkpoint
+    # had in flight are run again on it (a batch id still counts once)
     max_restarts: int = 3
+    # a learner rank that dies restarts the whole learner group, up to this many times in a run:
+    # from the run's latest checkpoint (or the initial weights), redoing the epochs after it
+    # (at max_policy_lag 0 the run ends as if undisturbed); after that, the run ends
+    learner_max_restarts: int = 3
     # `colocated`: sampler-i and learner-i share device i, which samples, then trains (lag 0);
     # `separate`: every sampler and learner has a device of its own, so that sampling and
     # training overlap (lag >= 1); `auto`: colocated at max_policy_lag 0, else separate.
@@ -500,6 +503,7 @@ def validate(config: Config) -> None:
     _check(c.num_reward_actors >= 1, "cluster.num_reward_actors: must be >= 1")
     _check(c.max_policy_lag >= 0, "cluster.max_policy_lag: must be >= 0")
     _check(c.max_restarts >= 0, "cluster.max_restarts: must be >= 0")
+    _check(c.learner_max_restarts >= 0, "cluster.learner_max_restarts: must be >= 0")
     for role in ("sampler", "reward", "learner"):
         res = getattr(c, role)
         _check((res.num_cpus == "auto" or res.num_cpus >= 0) and res.num_gpus >= 0

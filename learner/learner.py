@@ -14,6 +14,8 @@ rank takes the same optimizer steps, and the numbers do not depend on `world_siz
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +34,18 @@ from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameter
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, kl_to_reference, rwr_loss, rwr_weights
 from ddpo.pipeline import load_policy
 from ddpo.trajectory import EpochTrajectories, TrainingBatch, to_training_batch
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _num_train_steps(train: TrainConfig, num_steps: int) -> int:
@@ -333,11 +347,37 @@ class Learner:
     def save_checkpoint(self, root: str | Path) -> Path | None:
         """Write `root/epoch_NNNN/` for the last epoch trained (N = policy_version - 1): the LoRA
         in the diffusers format, plus optimizer, stat tracker, RNG and version, as safetensors
-        and JSON (no pickle). Returns the directory; None before the first update."""
+        and JSON (no pickle). Returns the directory; None before the first update.
+
+        Atomic: it is written as `root/.epoch_NNNN.partial/`, synced, then renamed, so a
+        checkpoint that exists is whole. A write that fails (a full disk) removes the partial
+        folder and raises an OSError; the checkpoints before it stay as they were. A checkpoint of this
+        version that exists already holds this very state (only `train` changes it): it stays."""
         if self.policy_version == 0:
             return None
-        directory = Path(root) / f"epoch_{self.policy_version - 1:04d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        root = Path(root)
+        directory = root / f"epoch_{self.policy_version - 1:04d}"
+        if (directory / "learner_state.json").exists():
+            return directory
+        partial = root / f".{directory.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a write that failed
+        try:
+            partial.mkdir(parents=True)
+            self._write_state(partial)
+            for path in partial.iterdir():  # on disk before the rename makes it a checkpoint
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            shutil.rmtree(directory, ignore_errors=True)  # not a checkpoint: no learner_state.json
+            os.replace(partial, directory)
+        except BaseException as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(err, Exception) and not isinstance(err, OSError):  # safetensors' own, say
+                raise OSError(f"{directory}: {err}") from err
+            raise
+        _fsync_dir(root)
+        return directory
+
+    def _write_state(self, directory: Path) -> None:
         save_lora(self.model, directory)
         optimizer = self.optimizer.state_dict()
         tensors = {"generator_state": self.generator.get_state()}
@@ -351,7 +391,6 @@ class Learner:
             "stat_tracker": self.stat_tracker.state_dict(),
             "trained_batch_ids": sorted(self.trained_batch_ids),
         }))
-        return directory
 
     def load_checkpoint(self, directory: str | Path) -> int:
         """Restore everything `save_checkpoint` wrote, so that training goes on exactly as if it

@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -102,29 +103,98 @@ def kill_leftovers(procs: list, timeout: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
-def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) -> str:
-    """Run `driver.fit()` while a thread calls `kill()` once `metrics_path` holds
-    `epochs_recorded` lines; the run must end in the actor's death. Shuts the driver down and
-    returns its one-line message about the lost actor."""
+@contextlib.contextmanager
+def kill_once_recorded(metrics_path: Path, epochs_recorded: int, kill):
+    """While the block runs, a thread calls `kill()` once `metrics_path` holds `epochs_recorded`
+    lines, and again every 20 ms while it returns False (nothing found to kill yet). Yields an
+    event set once a call did not return False."""
     import threading
     import time
 
-    import ray
+    killed, stop = threading.Event(), threading.Event()
 
     def kill_after_the_epochs():
-        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= epochs_recorded):
+        while not stop.is_set() and not (metrics_path.exists()
+                                         and len(metrics_path.read_text().splitlines()) >= epochs_recorded):
             time.sleep(0.02)
-        kill()
+        while not stop.is_set() and not killed.is_set():
+            if kill() is False:
+                time.sleep(0.02)
+            else:
+                killed.set()
 
     killer = threading.Thread(target=kill_after_the_epochs)
     killer.start()
     try:
-        with pytest.raises(ray.exceptions.RayActorError) as info:
-            driver.fit()
+        yield killed
+    finally:
+        stop.set()
         killer.join()
+
+
+def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) -> str:
+    """Run `driver.fit()` while `kill()` is called once `metrics_path` holds `epochs_recorded`
+    lines; the run must end in the actor's death. Shuts the driver down and returns its
+    one-line message about the lost actor."""
+    import ray
+
+    try:
+        with kill_once_recorded(metrics_path, epochs_recorded, kill), \
+                pytest.raises(ray.exceptions.RayActorError) as info:
+            driver.fit()
         return driver.lost_actor_message(info.value)
     finally:
         driver.shutdown()
+
+
+# the embedded default, small; one sampler and one learner, one torch thread each: the same
+# numbers in a `ddpo train` process (local, or a job on a cluster) and in this one, whatever the
+# cores and the layout
+SMALL_DIGITS_EPOCHS = 8
+SMALL_DIGITS = {"num_epochs": SMALL_DIGITS_EPOCHS, "sample.num_steps": 4, "sample.batch_size": 4,
+                "sample.num_batches_per_epoch": 2, "train.batch_size": 4, "cluster.num_samplers": 1,
+                "cluster.num_learners": 1, "cluster.sampler.num_threads": 1, "cluster.learner.num_threads": 1}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_digits(ray_session, tmp_path_factory):
+    """The SMALL_DIGITS run that nothing stopped, by a driver in this process (a lag-0 Ray run is
+    deterministic, tests/test_system.py): its run directory."""
+    from cluster.cli import embedded_config
+    from cluster.driver import Driver
+    from cluster.run_dir import make_run_dir
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = load_config(embedded_config(), [f"{k}={v}" for k, v in
+                                             {**SMALL_DIGITS, "output_dir": root, "run_name": "full"}.items()])
+    driver = Driver(config, make_run_dir(config))
+    try:
+        driver.fit()
+    finally:
+        driver.shutdown()
+    return root / "full"
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_the_same_run(run_dir: Path, reference: Path) -> None:
+    """The same final LoRA bit for bit, and every epoch's metrics once, the same."""
+    from safetensors.torch import load_file
+
+    final = f"epoch_{SMALL_DIGITS_EPOCHS - 1:04d}"
+    a, b = (load_file(str(d / "checkpoints" / final / "pytorch_lora_weights.safetensors")) for d in (run_dir, reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = {m["epoch"]: m for m in run_metrics(reference)}
+    got = run_metrics(run_dir)
+    assert [m["epoch"] for m in got] == list(range(SMALL_DIGITS_EPOCHS))
+    for m in got:
+        for key in ["reward_mean", "loss", "approx_kl", "clipfrac", "policy_version"]:
+            assert m[key] == expected[m["epoch"]][key], (m["epoch"], key)
 
 
 @pytest.fixture

@@ -278,3 +278,10 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(t
     assert (run_dir / "checkpoints" / "epoch_0014" / "pytorch_lora_weights.safetensors").is_file()
     for picture in ["before_after.png", "curves.png"]:
         assert (run_dir / picture).stat().st_size > 1000
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert main(["train", "--set", f"output_dir={tmp_path / 'a-file' / 'runs'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ddpo: error: output_dir: cannot write to '{tmp_path / 'a-file' / 'runs'}' (Not a directory)")

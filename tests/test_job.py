@@ -1,5 +1,8 @@
-"""`ray job submit` to a real head started with `ray start --head` on 127.0.0.1 (token auth on)."""
+"""`ray job submit` to a real head started with `ray start --head` (token auth on): a job whose
+driver dies goes on as a new job with `--resume`; a second node that dies takes its actors'
+bundles elsewhere."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,21 +16,23 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port, kill_leftovers
+from tests.conftest import SMALL_DIGITS, SMALL_DIGITS_EPOCHS, assert_the_same_run, free_port, kill_leftovers, run_metrics
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _session_id(process):
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        return None
 
 
 def _stop_session(leader_pid):
     """Stop every process of the head's session (gcs_server, raylet, dashboard, workers), and
     only those: `ray start` runs in a session of its own."""
-    procs = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == leader_pid:
-                procs.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
+    procs = [p for p in psutil.process_iter() if _session_id(p) == leader_pid]
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
@@ -38,16 +43,20 @@ def _stop_session(leader_pid):
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    """A head with 4 CPUs whose GCS declares a node dead after about 1.5 s without an answer:
+    (dashboard URL, environment, GCS address)."""
     tmp_path = tmp_path_factory.mktemp("head")
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the head's env runs the job
     log = open(tmp_path / "head.log", "w")
     temp_dir = tempfile.mkdtemp(prefix="ddpo-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 500,
+              "health_check_failure_threshold": 3}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--system-config={json.dumps(health)}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -62,49 +71,158 @@ def ray_head(tmp_path_factory):
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
                 time.sleep(0.5)
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs_port}"
     finally:
         _stop_session(head.pid)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _ray_job(address, env, *args):
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", address], capture_output=True,
-                          text=True, timeout=120, env={**env, "RAY_AUTH_MODE": "token"})
+def _ray(env, *args, timeout=120):
+    """A `ray` command with the token sent; its stdout."""
+    done = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**env, "RAY_AUTH_MODE": "token"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
-def test_ray_job_submit_runs_the_tiny_run(ray_head, tmp_path):
-    address, env = ray_head
-    repo = Path(__file__).resolve().parents[1]
-    output_dir = tmp_path / "runs"
-    submitted = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--submission-id", "ddpo-tiny",
-         "--working-dir", str(repo), "--runtime-env-json",
-         '{"excludes": [".venv", ".git", "runs", "__pycache__", "*.egg-info"]}',
-         "--", "ddpo", "train", "--set", f"output_dir={output_dir}", "--set", "run_name=job",
-         "--set", "num_epochs=2", "--set", "sample.num_steps=4", "--set", "sample.batch_size=4",
-         "--set", "sample.num_batches_per_epoch=2", "--set", "train.batch_size=4"],
-        capture_output=True, text=True, timeout=120, env={**env, "RAY_AUTH_MODE": "token"}, cwd=repo,
-    )
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+def _submit(address, env, submission_id, *entrypoint, options=()):
+    """`ray job submit` of `entrypoint`, as a user submits it, not waiting for it."""
+    _ray(env, "job", "submit", "--address", address, "--no-wait", "--submission-id", submission_id, *options,
+         "--", *entrypoint)
+
+
+def _api(address, path, method="GET"):
+    """The head's HTTP API with the token (what `ray job status`, `ray list` ... ask, without a
+    Python process started per question)."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{address}{path}", method=method, headers={"authorization": f"Bearer {token}"})
+    return json.load(urllib.request.urlopen(request, timeout=30))
+
+
+def _status(address, submission_id):
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    return _api(address, f"/api/jobs/{submission_id}")["status"]
+
+
+def _ended(address, submission_id):
+    return _status(address, submission_id) not in ("PENDING", "RUNNING")
+
+
+def _logs(address, submission_id):
+    return _api(address, f"/api/jobs/{submission_id}/logs")["logs"]
+
+
+def _state(address, what):
+    """The cluster's nodes, actors ... as the state API lists them."""
+    return _api(address, f"/api/v0/{what}?detail=1&limit=10000")["data"]["result"]["result"]
+
+
+def _wait_for(what, condition, deadline):
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in time"
+        time.sleep(0.2)
+
+
+def _train(output_dir, run_name, **settings):
+    """`ddpo train` of the small digits run (the repository as the job's working directory)."""
+    settings = {**SMALL_DIGITS, "output_dir": output_dir, "run_name": run_name, **settings}
+    return ["ddpo", "train", *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))]
+
+
+WORKING_DIR = ["--working-dir", str(REPO), "--runtime-env-json",
+               '{"excludes": [".venv", ".git", "runs", "__pycache__", "*.egg-info"]}']
+
+
+def test_a_job_whose_driver_dies_goes_on_as_a_new_job_with_resume(ray_head, tmp_path, uninterrupted_digits):
+    """The driver of a `ray job submit` run is SIGKILLed mid-run (its Ray actors go with it);
+    `ddpo train --resume RUN_DIR`, submitted as a new job, goes on from the last checkpoint to
+    the uninterrupted run's result."""
+    address, env, _ = ray_head
+    run_dir = tmp_path / "runs" / "job"
+    _submit(address, env, "ddpo-job", *_train(tmp_path / "runs", "job", checkpoint_every=1), options=WORKING_DIR)
     deadline = time.monotonic() + 300
-    status = ""
-    while time.monotonic() < deadline:
-        status = _ray_job(address, env, "status", "ddpo-tiny").stdout.lower()
-        if any(word in status for word in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(2)
-    logs = _ray_job(address, env, "logs", "ddpo-tiny").stdout
-    assert "job 'ddpo-tiny' succeeded" in status, status + logs[-3000:]
-    assert f"run directory: {output_dir / 'job'}" in logs
-    assert "reward_mean: epoch 0" in logs
-    assert len((output_dir / "job" / "metrics.jsonl").read_text().splitlines()) == 2
-    assert (output_dir / "job" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
+    _wait_for("second epoch", lambda: len(run_metrics(run_dir)) >= 2 or _ended(address, "ddpo-job"), deadline)
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if f"output_dir={tmp_path / 'runs'}" in " ".join(p.info["cmdline"] or [])]
+    assert drivers, _logs(address, "ddpo-job")[-3000:]
+    for driver in drivers:  # SIGKILL: none of the driver's handlers runs
+        driver.kill()
+    _wait_for("failed job", lambda: _ended(address, "ddpo-job"), deadline)
+    assert _status(address, "ddpo-job") == "FAILED"
+    recorded = max(m["epoch"] for m in run_metrics(run_dir))
+    checkpointed = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*"))
+    assert recorded < SMALL_DIGITS_EPOCHS - 1, "the run ended before its driver was killed"
+    assert checkpointed and int(checkpointed[-1].split("_")[1]) >= recorded  # nothing recorded is lost
+
+    _submit(address, env, "ddpo-job-resumed", "ddpo", "train", "--resume", str(run_dir), options=WORKING_DIR)
+    _wait_for("end of the resumed job", lambda: _ended(address, "ddpo-job-resumed"), deadline)
+    logs = _logs(address, "ddpo-job-resumed")
+    assert _status(address, "ddpo-job-resumed") == "SUCCEEDED", logs[-3000:]
+    assert f"run directory: {run_dir}" in logs
+    assert f"resuming from {run_dir / 'checkpoints' / checkpointed[-1]} at epoch {recorded + 1}" in logs
+    assert f"reward_mean: epoch {recorded + 1} " in logs
+    assert_the_same_run(run_dir, uninterrupted_digits)
+
+
+def test_a_node_lost_mid_run_its_actors_come_back_on_the_head(ray_head, tmp_path, uninterrupted_digits):
+    """A second node (`ray start --address`, custom resource `ddpo_node_b`) holds both samplers
+    and the reward actor: the head's other CPUs are held by a blocker job until then, and the
+    learner asks for the head (`node:__internal_head__`). Once epoch 0 is recorded node B is
+    SIGKILLed whole (its raylet, its agents, its workers), and the blocker job is stopped.
+    Ray's GCS marks the node dead, reschedules the placement group's bundles of that node onto
+    the head, and restarts the actors in them (`max_restarts`), rerunning their tasks: the run
+    ends as if undisturbed."""
+    address, env, gcs = ray_head
+    node_b = subprocess.Popen(
+        [str(BIN / "ray"), "start", f"--address={gcs}", "--num-cpus=3", '--resources={"ddpo_node_b": 1}', "--block",
+         "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"],
+        stdout=(tmp_path / "node_b.log").open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+
+        def nodes():
+            return {n["node_id"]: n for n in _state(address, "nodes") if n["state"] == "ALIVE"}
+
+        _wait_for("node B", lambda: len(nodes()) == 2, deadline)
+        (b_id,) = [i for i, n in nodes().items() if "ddpo_node_b" in n["resources_total"]]
+        _submit(address, env, "blocker", "python", "-c", "import time; time.sleep(600)",
+                options=["--entrypoint-num-cpus", "3", "--entrypoint-resources", '{"node:__internal_head__": 0.01}'])
+        _wait_for("running blocker", lambda: _status(address, "blocker") == "RUNNING", deadline)
+        run_dir = tmp_path / "runs" / "nodeloss"
+        _submit(address, env, "ddpo-nodeloss", *_train(
+            tmp_path / "runs", "nodeloss", **{"cluster.layout": "separate", "cluster.num_samplers": 2,
+                                              "cluster.sampler.num_cpus": 1, "cluster.reward.num_cpus": 1,
+                                              "cluster.learner.num_cpus": 1,
+                                              "cluster.learner.resources": '{"node:__internal_head__": 0.001}'}),
+                options=WORKING_DIR)
+        _wait_for("first epoch", lambda: run_metrics(run_dir) or _ended(address, "ddpo-nodeloss"), deadline)
+
+        job_id = _api(address, "/api/jobs/ddpo-nodeloss")["job_id"]
+
+        def actors():
+            return {a["name"]: a for a in _state(address, "actors")
+                    if a["job_id"] == job_id and a["name"] in ("sampler-0", "sampler-1", "reward-0", "learner-0")}
+
+        placed = {name: actor["node_id"] == b_id for name, actor in actors().items() if actor["state"] == "ALIVE"}
+        assert placed == {"sampler-0": True, "sampler-1": True, "reward-0": True, "learner-0": False}, placed
+        for proc in [p for p in psutil.process_iter() if _session_id(p) == node_b.pid]:
+            proc.kill()
+        _api(address, "/api/jobs/blocker/stop", method="POST")
+        _wait_for("end of the run", lambda: _ended(address, "ddpo-nodeloss"), deadline)
+        assert _status(address, "ddpo-nodeloss") == "SUCCEEDED", _logs(address, "ddpo-nodeloss")[-3000:]
+        assert b_id not in nodes()
+        moved = {name: (actor["node_id"] != b_id, actor["num_restarts"]) for name, actor in actors().items()
+                 if name != "learner-0"}
+        assert moved == {"sampler-0": (True, "1"), "sampler-1": (True, "1"), "reward-0": (True, "1")}, moved
+        assert [m["num_samples"] for m in run_metrics(run_dir)] == [8] * SMALL_DIGITS_EPOCHS
+        assert all(m["duplicate_batches"] == 0 and m["learner_restarts"] == 0 for m in run_metrics(run_dir))
+        assert_the_same_run(run_dir, uninterrupted_digits)
+    finally:
+        _stop_session(node_b.pid)
 
 
 def test_the_job_server_refuses_requests_without_the_token(ray_head):
-    address, _ = ray_head
+    address, _, _ = ray_head
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=5)
     assert info.value.code == 401

@@ -1,6 +1,7 @@
 """The learner as a plain class: updates, duplicates, the proximal policy for stale batches."""
 
 import numpy as np
+import pytest
 import torch
 
 from actors.reward import RewardWorker
@@ -105,3 +106,34 @@ def test_the_kl_to_the_reference_starts_at_zero_and_pulls_back(tmp_path):
             sampler.set_weights(learner.weights())
             kl_after[beta] = learner.train(*_epoch(config, sampler, epoch))["kl_ref"]
     assert kl_after[0.0] > 0 and kl_after[1e4] < kl_after[0.0]
+
+
+def test_a_checkpoint_is_whole_or_absent(tmp_path, monkeypatch):
+    """A checkpoint is written aside and renamed: a write that fails part-way (a full disk)
+    leaves no checkpoint folder for that epoch and no partial one, and the one before it loads."""
+    import errno
+
+    import learner.learner as learner_module
+    from cluster.run_dir import latest_checkpoint
+
+    learner = Learner(tiny_config(tmp_path))
+    root = tmp_path / "run" / "checkpoints"
+    learner.policy_version = 1
+    first = learner.save_checkpoint(root)
+    assert first == root / "epoch_0000" and latest_checkpoint(tmp_path / "run") == first
+    saved = {path.name: path.read_bytes() for path in first.iterdir()}
+    assert learner.save_checkpoint(root) == first  # this version's again (after Ctrl-C): left as it is
+
+    def disk_full(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)  # part of the file made it
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(learner_module, "save_file", disk_full)
+    learner.policy_version = 2
+    with pytest.raises(OSError, match="No space left"):
+        learner.save_checkpoint(root)
+    assert sorted(path.name for path in root.iterdir()) == ["epoch_0000"]
+    assert latest_checkpoint(tmp_path / "run") == first
+    assert {path.name: path.read_bytes() for path in first.iterdir()} == saved
+    assert Learner(tiny_config(tmp_path)).load_checkpoint(first) == 1

@@ -3,7 +3,6 @@ k, only the float summation order does: k = 2 or 3 must equal k = 1 to float tol
 k = 2 run resumed from its checkpoint must equal the uninterrupted k = 2 run bit for bit."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -83,7 +82,8 @@ def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_ran
     import psutil
 
     group_path, histories = runs
-    config = tiny_config(tmp_path, run_name="k3", **{**SETTINGS, "num_epochs": 20, "cluster.num_learners": 3})
+    config = tiny_config(tmp_path, run_name="k3", **{**SETTINGS, "num_epochs": 20, "cluster.num_learners": 3,
+                                                     "cluster.learner_max_restarts": 0})
     driver = Driver(config, make_run_dir(config))
     pid = ray.get(driver.learners[2].__ray_call__.remote(lambda self: __import__("os").getpid()))
     metrics_path = tmp_path / "k3" / "metrics.jsonl"
@@ -118,17 +118,29 @@ def test_a_lag0_run_with_two_learners_reproduces_the_one_learner_run(runs):
     assert all(0 < m["busy_learner"] <= 1 for m in histories[2])
 
 
-def test_a_two_learner_run_resumes_exactly(ray_session, runs):
-    """Every rank loads the checkpoint that rank 0 wrote; the rest of the run is bit for bit
-    the uninterrupted one's."""
+def test_a_rank_killed_mid_run_restarts_the_group_from_the_checkpoint_and_the_run_is_exact(ray_session, runs):
+    """SIGKILL learner-1 once epoch 0 is recorded: the driver starts both ranks again, every
+    rank loads the checkpoint rank 0 wrote (as `--resume` does), epochs 1 on are redone, and
+    the run is bit for bit the undisturbed k = 2 run's, with one metrics line per epoch."""
+    import psutil
+
+    from tests.conftest import kill_once_recorded
+
     tmp_path, histories = runs
-    resumed = tmp_path / "k2-resumed"
-    shutil.rmtree(resumed, ignore_errors=True)
-    history = _run(tmp_path, "k2-resumed", 2, resume_from=tmp_path / "k2" / "checkpoints" / "epoch_0000")
-    assert [m["epoch"] for m in history] == list(range(1, EPOCHS))
-    a, b = _lora(tmp_path, "k2-resumed", EPOCHS - 1), _lora(tmp_path, "k2", EPOCHS - 1)
+    config = tiny_config(tmp_path, run_name="k2-killed", **{**SETTINGS, "cluster.num_learners": 2})
+    driver = Driver(config, make_run_dir(config))
+    pid = ray.get(driver.learners[1].__ray_call__.remote(lambda self: __import__("os").getpid()))
+    with kill_once_recorded(tmp_path / "k2-killed" / "metrics.jsonl", 1, psutil.Process(pid).kill):
+        try:
+            history = driver.fit()
+        finally:
+            driver.shutdown()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "k2-killed" / "metrics.jsonl").read_text().splitlines()
+            ] == list(range(EPOCHS))
+    assert history[-1]["learner_restarts"] == 1
+    a, b = _lora(tmp_path, "k2-killed", EPOCHS - 1), _lora(tmp_path, "k2", EPOCHS - 1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for m, reference in zip(history, histories[2][1:]):
+    for m, reference in zip(history, histories[2], strict=True):
         for key in ["reward_mean", "loss", "approx_kl", "clipfrac", "grad_norm"]:
             assert m[key] == reference[key], (m["epoch"], key)
 

@@ -13,7 +13,7 @@ import torch
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import fit_until_an_actor_dies, ray_processes, tiny_config
+from tests.conftest import fit_until_an_actor_dies, kill_once_recorded, ray_processes, tiny_config
 
 
 def _run(config):
@@ -61,7 +61,7 @@ def test_actors_run_in_their_bundles_and_every_sampler_gets_the_learners_lora(ra
         driver.shutdown()
 
 
-UNDISTURBED = {"num_epochs": 3}
+UNDISTURBED = {"num_epochs": 3, "checkpoint_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -240,36 +240,27 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp
     assert len(events.Images("samples")) == 4
 
 
-@pytest.mark.parametrize("process_title", ["ray::SamplerActor", "ray::RewardActor"])
+@pytest.mark.parametrize("process_title", ["ray::SamplerActor", "ray::RewardActor", "ray::LearnerActor"])
 def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tmp_path, undisturbed, process_title):
-    """SIGKILL the actor's process from outside once epoch 1 is under way: Ray restarts it, the
-    tasks it had in flight run again, and the run ends as if nothing had happened."""
-    import threading
-    import time
-
+    """SIGKILL the actor's process from outside once epoch 1 is under way. A sampler or reward
+    actor: Ray restarts it and the tasks it had in flight run again. The learner: the driver
+    starts it again from epoch 0's checkpoint and redoes epoch 1. Either way the run ends as if
+    nothing had happened, with one metrics line per epoch."""
     config = tiny_config(tmp_path, run_name="killed", **UNDISTURBED)
-    metrics_path = tmp_path / "killed" / "metrics.jsonl"
-    killed, stop = [], threading.Event()
 
-    def kill_in_epoch_1():
-        while not stop.is_set() and not (metrics_path.exists() and metrics_path.read_text().strip()):
-            time.sleep(0.02)
-        while not stop.is_set() and not killed:
-            for proc in ray_processes(process_title)[:1]:
-                proc.kill()
-                killed.append(proc.pid)
-            time.sleep(0.02)
+    def kill():
+        found = ray_processes(process_title)[:1]
+        for proc in found:
+            proc.kill()
+        return bool(found)
 
-    killer = threading.Thread(target=kill_in_epoch_1)
-    killer.start()
-    try:
+    with kill_once_recorded(tmp_path / "killed" / "metrics.jsonl", 1, kill) as killed:
         history, (version, weights) = _run(config)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, f"no {process_title} process was found to kill"
+    assert killed.is_set(), f"no {process_title} process was found to kill"
     assert [m["num_samples"] for m in history] == [8, 8, 8]
     assert all(m["duplicate_batches"] == 0 and m["dropped_stale"] == 0 for m in history)
+    assert [m["epoch"] for m in _metrics(tmp_path / "killed")] == [0, 1, 2]
+    assert history[-1]["learner_restarts"] == (process_title == "ray::LearnerActor")
     reference_history, (reference_version, reference_weights), _ = undisturbed
     assert version == reference_version == 3
     assert [m["reward_mean"] for m in history] == [m["reward_mean"] for m in reference_history]
@@ -277,16 +268,58 @@ def test_an_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, t
         assert torch.equal(weights[key], reference_weights[key])
 
 
-def test_a_dead_learner_ends_the_run_naming_the_checkpoint_to_resume_from(ray_session, tmp_path):
-    config = tiny_config(tmp_path, **{"num_epochs": 6, "checkpoint_every": 1, "run_name": "lost"})
+def test_a_learner_that_dies_past_its_restarts_ends_the_run_naming_the_checkpoint(ray_session, tmp_path):
+    """With cluster.learner_max_restarts 1: the learner is SIGKILLed once epoch 1 is recorded,
+    the driver restarts it, and it is SIGKILLed again: the run ends in one line."""
+    config = tiny_config(tmp_path, **{"num_epochs": 6, "checkpoint_every": 1, "run_name": "lost",
+                                      "cluster.learner_max_restarts": 1})
     driver = Driver(config, make_run_dir(config))
+    killed = []
 
-    def kill_the_learner():
+    def kill_the_learner_twice():
         for proc in ray_processes("ray::LearnerActor"):
-            proc.kill()
+            if proc.pid not in killed:
+                proc.kill()
+                killed.append(proc.pid)
+        return len(killed) >= 2
 
-    message = fit_until_an_actor_dies(driver, tmp_path / "lost" / "metrics.jsonl", 2, kill_the_learner)
+    message = fit_until_an_actor_dies(driver, tmp_path / "lost" / "metrics.jsonl", 2, kill_the_learner_twice)
     checkpoint = max((tmp_path / "lost" / "checkpoints").iterdir())
     assert checkpoint.name >= "epoch_0001"  # no older than checkpoint_every
-    assert message == (f"the actor 'learner-0' died and was not restarted; go on from {checkpoint} "
-                       f"with: ddpo train --resume {tmp_path / 'lost'}")
+    assert message == (f"the actor 'learner-0' died and the learner group had its 1 restart "
+                       f"(cluster.learner_max_restarts); go on from {checkpoint} with: ddpo train --resume "
+                       f"{tmp_path / 'lost'}")
+
+
+def test_a_checkpoint_write_that_fails_mid_run_ends_it_in_one_line(ray_session, tmp_path):
+    """Once epoch 0 is recorded, the learner's process may write no file past 1 kB (RLIMIT_FSIZE:
+    its writes fail with EFBIG, as they would with ENOSPC on a full disk). The run stops at epoch
+    1's checkpoint with one line, and epoch 0's checkpoint stays whole."""
+    import psutil
+
+    from cluster.driver import WriteFailed
+    from cluster.run_dir import latest_checkpoint
+    from learner import Learner
+
+    config = tiny_config(tmp_path, **{"num_epochs": 3, "checkpoint_every": 1, "run_name": "full", "eval_images": 0})
+    run_dir = tmp_path / "full"
+    driver = Driver(config, make_run_dir(config))
+    pid = ray.get(driver.learners[0].__ray_call__.remote(lambda self: __import__("os").getpid()))
+
+    def fill_the_disk():
+        psutil.Process(pid).rlimit(psutil.RLIMIT_FSIZE, (1024, 1024))
+
+    with kill_once_recorded(run_dir / "metrics.jsonl", 1, fill_the_disk), pytest.raises(WriteFailed) as info:
+        try:
+            driver.fit()
+        finally:
+            driver.shutdown()
+    message = str(info.value)
+    assert "\n" not in message and "File too large" in message, message
+    assert message.startswith(f"writing the checkpoint failed ({run_dir / 'checkpoints' / 'epoch_0001'}: "), message
+    assert message.endswith(f"; the run stopped; go on from {run_dir / 'checkpoints' / 'epoch_0000'} with: "
+                            f"ddpo train --resume {run_dir}"), message
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0000"]
+    assert latest_checkpoint(run_dir).name == "epoch_0000"
+    assert Learner(config).load_checkpoint(run_dir / "checkpoints" / "epoch_0000") == 1
+    assert [m["epoch"] for m in _metrics(run_dir)] == [0]
