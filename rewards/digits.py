@@ -48,16 +48,11 @@ def judge_input(images: np.ndarray) -> torch.Tensor:
     return F.interpolate((1.0 - grey)[:, None], size=(8, 8), mode="area")
 
 
-def digits_split(seed: int, test_fraction: float):
-    """sklearn's 1797 digits split (stratified) into (train_x, train_y, test_x, test_y)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    train_x, test_x, train_y, test_y = train_test_split(
-        data.data, data.target, test_size=test_fraction, random_state=seed, stratify=data.target
-    )
-    return train_x, train_y, test_x, test_y
+def load_heldout() -> tuple[np.ndarray, np.ndarray]:
+    """The judge's held-out digits (never trained on by the judge or the models), as
+    scripts/train_digits.py split them off: (pixels [N, 64] in 0..16, labels [N])."""
+    with np.load(JUDGE_DIR / "heldout.npz") as heldout:
+        return heldout["x"], heldout["y"]
 
 
 class DigitClassifier(torch.nn.Sequential):

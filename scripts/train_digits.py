@@ -62,8 +62,22 @@ from ddpo.config import load_config  # noqa: E402
 from ddpo.diffusion import sample_trajectories  # noqa: E402
 from ddpo.pipeline import load_pipeline, sd_scheduler, word_level_tokenizer  # noqa: E402
 from rewards.digits import (  # noqa: E402
-    DIGIT_WORDS, DigitClassifier, DigitJudge, digits_split, judge_input, render_digits,
+    DIGIT_WORDS, DigitClassifier, DigitJudge, judge_input, render_digits,
 )
+
+
+def digits_split(seed: int, test_fraction: float):
+    """scikit-learn's 1797 digits split (stratified) into (train_x, train_y, test_x, test_y).
+    scikit-learn is this script's own need (`pip install scikit-learn`): the package and its
+    tests read the held-out split from OUT/digits-judge/heldout.npz."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    train_x, test_x, train_y, test_y = train_test_split(
+        data.data, data.target, test_size=test_fraction, random_state=seed, stratify=data.target
+    )
+    return train_x, train_y, test_x, test_y
 
 
 def shifted(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -471,6 +485,11 @@ def train_digits_flow(s: dict, out: Path, images, train_y, grid: Path | None) ->
           f"({torch.get_num_threads()} threads)")
 
 
+def save_heldout(judge_dir: Path, test_x: np.ndarray, test_y: np.ndarray) -> None:
+    """The held-out digits beside the judge (`rewards.digits.load_heldout`), as uint8."""
+    np.savez_compressed(judge_dir / "heldout.npz", x=test_x.astype(np.uint8), y=test_y.astype(np.uint8))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", type=Path, default=ROOT / "ddpo" / "assets" / "train_digits.yaml")
@@ -489,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     images, test_images = render_digits(train_x, s["image_size"]), render_digits(test_x, s["image_size"])
     if args.only != "flow":
         train_digits_and_judge(s, args.out, images, train_y, test_images, test_y)
+        save_heldout(args.out / "digits-judge", test_x, test_y)
     if args.only != "digits":
         train_digits_flow(s, args.out, images, train_y, args.flow_grid)
 

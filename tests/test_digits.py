@@ -1,6 +1,7 @@
 """The embedded digits model (`builtin:digits`) and its judge (`digit_judge`)."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from ddpo.config import SampleConfig
 from ddpo.diffusion import sample_trajectories
 from ddpo.pipeline import BUILTIN_FOLDERS, ModelLoadError, check_pretrained, load_pipeline
 from rewards import RewardError, compute_reward, load_reward
-from rewards.digits import JUDGE_DIR, DigitJudge, digits_split, prompted_digit, render_digits
+from rewards.digits import JUDGE_DIR, DigitJudge, load_heldout, prompted_digit, render_digits
 from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,9 @@ def judge():
 def heldout():
     """The judge's held-out digits (never trained on by the judge or the model)."""
     config = json.loads((JUDGE_DIR / "config.json").read_text())
-    _, _, test_x, test_y = digits_split(config["seed"], config["test_fraction"])
+    test_x, test_y = load_heldout()
+    assert len(test_y) == math.ceil(1797 * config["test_fraction"]) and set(test_y) == set(range(10))  # as sklearn splits
+    assert test_x.shape == (len(test_y), 64) and test_x.max() == 16  # scikit-learn's 8x8 digits, 0..16
     return test_x, test_y, config
 
 
