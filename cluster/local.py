@@ -16,7 +16,7 @@ off for the duration of its ray.init only: the node keeps 127.0.0.1, and this pr
 listed as `::ffff:127.0.0.1` (IPv4 loopback). What the run binds to the node's IP
 (`ray.util.get_node_ip_address()`: the CPU learner group's gloo sockets) is on 127.0.0.1 too.
 
-Ray leaves no listening socket off loopback (tests/test_loopback.py checks a live instance).
+Ray leaves no listening socket off loopback (tests/test_main_job.py checks a live `ddpo train`).
 Not Ray's: NCCL (a learner group on GPUs) picks its own interface, so `start_local_ray` sets
 NCCL_SOCKET_IFNAME=lo (unless set) for the workers it starts (not yet run on GPUs here). Token authentication (RAY_AUTH_MODE) is unchanged. A cluster
 (--address) is not started here: its nodes listen on their own IPs to reach each other.
