@@ -1,6 +1,6 @@
 """`ray job submit` to a real head started with `ray start --head` (token auth on): a job whose
-driver dies goes on as a new job with `--resume`; a second node that dies takes its actors'
-bundles elsewhere."""
+driver dies goes on as a new job with `--resume`, and a second node that dies has its actors'
+bundles moved to the head."""
 
 import json
 import os
@@ -134,44 +134,19 @@ WORKING_DIR = ["--working-dir", str(REPO), "--runtime-env-json",
                '{"excludes": [".venv", ".git", "runs", "__pycache__", "*.egg-info"]}']
 
 
-def test_a_job_whose_driver_dies_goes_on_as_a_new_job_with_resume(ray_head, tmp_path, uninterrupted_digits):
-    """The driver of a `ray job submit` run is SIGKILLed mid-run (its Ray actors go with it);
-    `ddpo train --resume RUN_DIR`, submitted as a new job, goes on from the last checkpoint to
-    the uninterrupted run's result."""
-    address, env, _ = ray_head
-    run_dir = tmp_path / "runs" / "job"
-    _submit(address, env, "ddpo-job", *_train(tmp_path / "runs", "job", checkpoint_every=1), options=WORKING_DIR)
-    deadline = time.monotonic() + 300
-    _wait_for("second epoch", lambda: len(run_metrics(run_dir)) >= 2 or _ended(address, "ddpo-job"), deadline)
-    drivers = [p for p in psutil.process_iter(["cmdline"]) if f"output_dir={tmp_path / 'runs'}" in " ".join(p.info["cmdline"] or [])]
-    assert drivers, _logs(address, "ddpo-job")[-3000:]
-    for driver in drivers:  # SIGKILL: none of the driver's handlers runs
-        driver.kill()
-    _wait_for("failed job", lambda: _ended(address, "ddpo-job"), deadline)
-    assert _status(address, "ddpo-job") == "FAILED"
-    recorded = max(m["epoch"] for m in run_metrics(run_dir))
-    checkpointed = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*"))
-    assert recorded < SMALL_DIGITS_EPOCHS - 1, "the run ended before its driver was killed"
-    assert checkpointed and int(checkpointed[-1].split("_")[1]) >= recorded  # nothing recorded is lost
+def test_a_job_whose_driver_dies_resumes_as_a_new_job_and_survives_a_lost_node(ray_head, tmp_path,
+                                                                                 uninterrupted_digits):
+    """Two faults of a `ray job submit` run, and the run ends as the uninterrupted one, bit for bit.
 
-    _submit(address, env, "ddpo-job-resumed", "ddpo", "train", "--resume", str(run_dir), options=WORKING_DIR)
-    _wait_for("end of the resumed job", lambda: _ended(address, "ddpo-job-resumed"), deadline)
-    logs = _logs(address, "ddpo-job-resumed")
-    assert _status(address, "ddpo-job-resumed") == "SUCCEEDED", logs[-3000:]
-    assert f"run directory: {run_dir}" in logs
-    assert f"resuming from {run_dir / 'checkpoints' / checkpointed[-1]} at epoch {recorded + 1}" in logs
-    assert f"reward_mean: epoch {recorded + 1} " in logs
-    assert_the_same_run(run_dir, uninterrupted_digits)
-
-
-def test_a_node_lost_mid_run_its_actors_come_back_on_the_head(ray_head, tmp_path, uninterrupted_digits):
-    """A second node (`ray start --address`, custom resource `ddpo_node_b`) holds both samplers
-    and the reward actor: the head's other CPUs are held by a blocker job until then, and the
-    learner asks for the head (`node:__internal_head__`). Once epoch 0 is recorded node B is
-    SIGKILLed whole (its raylet, its agents, its workers), and the blocker job is stopped.
-    Ray's GCS marks the node dead, reschedules the placement group's bundles of that node onto
-    the head, and restarts the actors in them (`max_restarts`), rerunning their tasks: the run
-    ends as if undisturbed."""
+    A second node B (`ray start --address`, custom resource `ddpo_node_b`) holds both samplers
+    and the reward actor: the head's other CPUs are held by a blocker job meanwhile, and the
+    learner asks for the head (`node:__internal_head__`).
+    1. The job's driver is SIGKILLed after epoch 1 (its actors go with it). `ddpo train --resume
+       RUN_DIR`, submitted as a new job, goes on from the last checkpoint.
+    2. One epoch into the resumed job, node B is SIGKILLed whole (its raylet, its agents, its
+       workers) and the blocker job stops. Ray's GCS marks the node dead and reschedules the
+       placement group's bundles of that node onto the head, and the sampler and reward actors
+       in them restart there (`max_restarts`) and rerun their tasks."""
     address, env, gcs = ray_head
     node_b = subprocess.Popen(
         [str(BIN / "ray"), "start", f"--address={gcs}", "--num-cpus=3", '--resources={"ddpo_node_b": 1}', "--block",
@@ -183,36 +158,55 @@ def test_a_node_lost_mid_run_its_actors_come_back_on_the_head(ray_head, tmp_path
         def nodes():
             return {n["node_id"]: n for n in _state(address, "nodes") if n["state"] == "ALIVE"}
 
+        def actors(submission_id):
+            job_id = _api(address, f"/api/jobs/{submission_id}")["job_id"]
+            return {a["name"]: a for a in _state(address, "actors")
+                    if a["job_id"] == job_id and a["name"] in ("sampler-0", "sampler-1", "reward-0", "learner-0")}
+
         _wait_for("node B", lambda: len(nodes()) == 2, deadline)
         (b_id,) = [i for i, n in nodes().items() if "ddpo_node_b" in n["resources_total"]]
         _submit(address, env, "blocker", "python", "-c", "import time; time.sleep(600)",
                 options=["--entrypoint-num-cpus", "3", "--entrypoint-resources", '{"node:__internal_head__": 0.01}'])
         _wait_for("running blocker", lambda: _status(address, "blocker") == "RUNNING", deadline)
-        run_dir = tmp_path / "runs" / "nodeloss"
-        _submit(address, env, "ddpo-nodeloss", *_train(
-            tmp_path / "runs", "nodeloss", **{"cluster.layout": "separate", "cluster.num_samplers": 2,
-                                              "cluster.sampler.num_cpus": 1, "cluster.reward.num_cpus": 1,
-                                              "cluster.learner.num_cpus": 1,
-                                              "cluster.learner.resources": '{"node:__internal_head__": 0.001}'}),
+
+        # 1. the driver dies
+        run_dir = tmp_path / "runs" / "job"
+        _submit(address, env, "ddpo-job", *_train(
+            tmp_path / "runs", "job", **{"checkpoint_every": 1, "cluster.layout": "separate",
+                                         "cluster.num_samplers": 2, "cluster.sampler.num_cpus": 1,
+                                         "cluster.reward.num_cpus": 1, "cluster.learner.num_cpus": 1,
+                                         "cluster.learner.resources": '{"node:__internal_head__": 0.001}'}),
                 options=WORKING_DIR)
-        _wait_for("first epoch", lambda: run_metrics(run_dir) or _ended(address, "ddpo-nodeloss"), deadline)
-
-        job_id = _api(address, "/api/jobs/ddpo-nodeloss")["job_id"]
-
-        def actors():
-            return {a["name"]: a for a in _state(address, "actors")
-                    if a["job_id"] == job_id and a["name"] in ("sampler-0", "sampler-1", "reward-0", "learner-0")}
-
-        placed = {name: actor["node_id"] == b_id for name, actor in actors().items() if actor["state"] == "ALIVE"}
+        _wait_for("second epoch", lambda: len(run_metrics(run_dir)) >= 2 or _ended(address, "ddpo-job"), deadline)
+        placed = {name: actor["node_id"] == b_id for name, actor in actors("ddpo-job").items()
+                  if actor["state"] == "ALIVE"}
+        drivers = [p for p in psutil.process_iter(["cmdline"]) if f"output_dir={tmp_path / 'runs'}" in " ".join(p.info["cmdline"] or [])]
+        for driver in drivers:  # SIGKILL: none of the driver's handlers runs
+            driver.kill()
         assert placed == {"sampler-0": True, "sampler-1": True, "reward-0": True, "learner-0": False}, placed
+        assert drivers, _logs(address, "ddpo-job")[-3000:]
+        _wait_for("failed job", lambda: _ended(address, "ddpo-job"), deadline)
+        assert _status(address, "ddpo-job") == "FAILED"
+        recorded = max(m["epoch"] for m in run_metrics(run_dir))
+        checkpointed = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*"))
+        assert recorded < SMALL_DIGITS_EPOCHS - 2, "the run was too far on when its driver was killed"
+        assert checkpointed and int(checkpointed[-1].split("_")[1]) >= recorded  # nothing recorded is lost
+
+        # 2. the resumed job loses node B
+        _submit(address, env, "ddpo-job-resumed", "ddpo", "train", "--resume", str(run_dir))
+        _wait_for("a resumed epoch", lambda: max(m["epoch"] for m in run_metrics(run_dir)) > recorded
+                  or _ended(address, "ddpo-job-resumed"), deadline)
         for proc in [p for p in psutil.process_iter() if _session_id(p) == node_b.pid]:
             proc.kill()
         _api(address, "/api/jobs/blocker/stop", method="POST")
-        _wait_for("end of the run", lambda: _ended(address, "ddpo-nodeloss"), deadline)
-        assert _status(address, "ddpo-nodeloss") == "SUCCEEDED", _logs(address, "ddpo-nodeloss")[-3000:]
+        _wait_for("end of the resumed job", lambda: _ended(address, "ddpo-job-resumed"), deadline)
+        logs = _logs(address, "ddpo-job-resumed")
+        assert _status(address, "ddpo-job-resumed") == "SUCCEEDED", logs[-3000:]
+        assert f"run directory: {run_dir}" in logs
+        assert f"resuming from {run_dir / 'checkpoints' / checkpointed[-1]} at epoch {recorded + 1}" in logs
         assert b_id not in nodes()
-        moved = {name: (actor["node_id"] != b_id, actor["num_restarts"]) for name, actor in actors().items()
-                 if name != "learner-0"}
+        moved = {name: (actor["node_id"] != b_id, actor["num_restarts"])
+                 for name, actor in actors("ddpo-job-resumed").items() if name != "learner-0"}
         assert moved == {"sampler-0": (True, "1"), "sampler-1": (True, "1"), "reward-0": (True, "1")}, moved
         assert [m["num_samples"] for m in run_metrics(run_dir)] == [8] * SMALL_DIGITS_EPOCHS
         assert all(m["duplicate_batches"] == 0 and m["learner_restarts"] == 0 for m in run_metrics(run_dir))

@@ -3,6 +3,7 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,50 +31,72 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_actors_run_in_their_bundles_and_every_sampler_gets_the_learners_lora(ray_session, tmp_path):
-    from ray.util.placement_group import placement_group_table
-
-    config = tiny_config(tmp_path, **{"cluster.num_samplers": 2, "num_epochs": 1})
-    driver = Driver(config, make_run_dir(config))
-    try:
-        table = placement_group_table(driver.placement.group)
-        assert table["state"] == "CREATED"
-        # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
-        assert list(table["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
-        assert driver.placement.options("learner-0")["num_cpus"] == 0.5
-        assert driver.placement.options("sampler-1")["num_cpus"] == 1.0
-        assert driver.placement.threads == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
-
-        driver.fit()  # one update, then the broadcast of version 1
-        # each sampler loads version 1 before its next batch (2 batches: one per sampler)
-        ray.get([task.summary_ref for task in driver.submit_sampling(1)])
-        version, learner_state = ray.get(driver.learners[0].weights.remote())
-        assert version == 1
-        for sampler in driver.samplers:
-            sampler_version, sampler_state = ray.get(sampler.weights.remote())
-            assert sampler_version == 1
-            assert learner_state.keys() == sampler_state.keys()
-            for key in learner_state:
-                assert torch.equal(learner_state[key], sampler_state[key])
-        for name in ["learner-0", "sampler-0", "sampler-1", "reward-0"]:  # findable by name
-            assert ray.get_actor(name) is not None
-    finally:
-        driver.shutdown()
-
-
-UNDISTURBED = {"num_epochs": 3, "checkpoint_every": 1}
+UNDISTURBED = {"num_epochs": 3, "checkpoint_every": 1, "cluster.num_samplers": 2}
+# the epoch metrics a lag-0 run must reproduce exactly
+EXACT = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"]
 
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_session, tmp_path_factory):
-    """A lag-0 run of the tiny config that nothing disturbs: (its history, (version, weights), its directory)."""
+    """A lag-0 run of the tiny config (2 samplers) that nothing disturbs: its history, final
+    (version, weights) and directory; the node's metrics endpoint (what Prometheus scrapes) read
+    every 0.5 s while it ran; its placement group; and each sampler's (version, weights) after
+    it sampled once more with the final version."""
+    import threading
+    import urllib.request
+
+    from ray.util.placement_group import placement_group_table
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    scraped, done = [], threading.Event()
+
+    def scrape():
+        while not done.is_set():
+            scraped.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            done.wait(0.5)
+
     config = tiny_config(tmp_path_factory.mktemp("undisturbed"), run_name="undisturbed", **UNDISTURBED)
-    return *_run(config), Path(config.output_dir) / "undisturbed"
+    driver = Driver(config, make_run_dir(config))
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        placement = {"table": placement_group_table(driver.placement.group), "threads": driver.placement.threads,
+                     "num_cpus": {name: driver.placement.options(name)["num_cpus"] for name in driver.named_actors},
+                     "found_by_name": [ray.get_actor(name) is not None for name in driver.named_actors]}
+        history = driver.fit()
+        weights = ray.get(driver.learners[0].weights.remote())
+        # one more batch per sampler: each loads the final version before it
+        ray.get([task.summary_ref for task in driver.submit_sampling(config.num_epochs)])
+        sampler_weights = ray.get([sampler.weights.remote() for sampler in driver.samplers])
+    finally:
+        done.set()
+        scraper.join()
+        driver.shutdown()
+    return SimpleNamespace(history=history, weights=weights, run_dir=Path(config.output_dir) / "undisturbed",
+                           scraped=scraped, placement=placement, sampler_weights=sampler_weights)
 
 
-def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_session, tmp_path, undisturbed):
-    history_a, (version_a, weights_a), run_dir = undisturbed
-    history_b, (version_b, weights_b) = _run(tiny_config(tmp_path, run_name="b", **UNDISTURBED))
+def test_actors_run_in_their_bundles_and_every_sampler_gets_the_learners_lora(undisturbed):
+    placement = undisturbed.placement
+    assert placement["table"]["state"] == "CREATED"
+    # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
+    assert list(placement["table"]["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
+    assert placement["num_cpus"] == {"learner-0": 0.5, "sampler-0": 0.5, "sampler-1": 1.0, "reward-0": 0.0}
+    assert placement["threads"] == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
+    assert all(placement["found_by_name"])
+    version, learner_state = undisturbed.weights
+    assert version == 3
+    for sampler_version, sampler_state in undisturbed.sampler_weights:
+        assert sampler_version == 3
+        assert learner_state.keys() == sampler_state.keys()
+        for key in learner_state:
+            assert torch.equal(learner_state[key], sampler_state[key])
+
+
+def test_lag0_run_equals_the_inprocess_composition(ray_session, tmp_path, undisturbed):
+    """The Ray run equals the same classes composed in this process, bit for bit (a second Ray
+    run equal to the first: test_actors_killed_mid_run_are_restarted_and_nothing_is_lost)."""
+    history_a, (version_a, weights_a), run_dir = undisturbed.history, undisturbed.weights, undisturbed.run_dir
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actors (num_cpus 1): same kernels, same float sums
     try:
@@ -83,12 +106,10 @@ def test_lag0_run_is_deterministic_and_equals_the_inprocess_composition(ray_sess
     finally:
         torch.set_num_threads(threads)
     version_c, weights_c = learner.weights()
-    assert version_a == version_b == version_c == 3
-    keys = ["reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "grad_norm"]
-    for a, b, c in zip(history_a, history_b, history_c, strict=True):
-        assert [a[k] for k in keys] == [b[k] for k in keys] == [c[k] for k in keys]
+    assert version_a == version_c == 3
+    for a, c in zip(history_a, history_c, strict=True):
+        assert [a[k] for k in EXACT] == [c[k] for k in EXACT]
     for key in weights_a:
-        assert torch.equal(weights_a[key], weights_b[key])
         assert torch.equal(weights_a[key], weights_c[key])
     assert len(_metrics(run_dir)) == 3
     assert (run_dir / "samples" / "epoch_0002.png").is_file()
@@ -199,30 +220,9 @@ def test_bundles_that_fit_in_total_but_not_on_one_node_fail_within_the_timeout(r
     assert time.monotonic() - start < 10
 
 
-def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp_path):
+def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(undisturbed):
     """Prometheus scrapes each node's metrics endpoint; the ddpo metrics are there mid-run."""
-    import threading
-    import urllib.request
-
-    port = ray.nodes()[0]["MetricsExportPort"]
-    scraped, done = [], threading.Event()
-
-    def scrape():
-        while not done.is_set():
-            scraped.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-            done.wait(0.5)
-
-    config = tiny_config(tmp_path, **{"num_epochs": 4, "run_name": "metrics"})
-    driver = Driver(config, make_run_dir(config))
-    scraper = threading.Thread(target=scrape)
-    scraper.start()
-    try:
-        driver.fit()
-    finally:
-        done.set()
-        scraper.join()
-        driver.shutdown()
-    text = "\n".join(scraped)
+    text = "\n".join(undisturbed.scraped)
     for name in ["ray_ddpo_reward_mean", "ray_ddpo_policy_version", "ray_ddpo_samples_total",
                  "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth",
                  "ray_ddpo_busy_fraction"]:
@@ -232,12 +232,12 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(ray_session, tmp
         assert re.search(rf'ray_ddpo_idle_ratio{{[^}}]*actor="{actor}"', text), actor
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "metrics"
+    run_dir = undisturbed.run_dir
     assert (run_dir / "curves.png").is_file()
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("reward_mean")] == [0, 1, 2, 3]
-    assert len(events.Images("samples")) == 4
+    assert [e.step for e in events.Scalars("reward_mean")] == [0, 1, 2]
+    assert len(events.Images("samples")) == 3
 
 
 def test_actors_killed_mid_run_are_restarted_and_nothing_is_lost(ray_session, tmp_path, undisturbed):
@@ -265,9 +265,10 @@ def test_actors_killed_mid_run_are_restarted_and_nothing_is_lost(ray_session, tm
     assert all(m["duplicate_batches"] == 0 and m["dropped_stale"] == 0 for m in history)
     assert [m["epoch"] for m in _metrics(tmp_path / "killed")] == [0, 1, 2]
     assert history[-1]["learner_restarts"] == 1
-    reference_history, (reference_version, reference_weights), _ = undisturbed
+    reference_history, (reference_version, reference_weights) = undisturbed.history, undisturbed.weights
     assert version == reference_version == 3
-    assert [m["reward_mean"] for m in history] == [m["reward_mean"] for m in reference_history]
+    for m, reference in zip(history, reference_history, strict=True):
+        assert [m[k] for k in EXACT] == [reference[k] for k in EXACT]
     for key in weights:
         assert torch.equal(weights[key], reference_weights[key])
 
