@@ -150,7 +150,7 @@ def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) ->
 # the embedded default, small; one sampler and one learner, one torch thread each: the same
 # numbers in a `ddpo train` process (local, or a job on a cluster) and in this one, whatever the
 # cores and the layout
-SMALL_DIGITS_EPOCHS = 8
+SMALL_DIGITS_EPOCHS = 6
 SMALL_DIGITS = {"num_epochs": SMALL_DIGITS_EPOCHS, "sample.num_steps": 4, "sample.batch_size": 4,
                 "sample.num_batches_per_epoch": 2, "train.batch_size": 4, "cluster.num_samplers": 1,
                 "cluster.num_learners": 1, "cluster.sampler.num_threads": 1, "cluster.learner.num_threads": 1}

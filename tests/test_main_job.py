@@ -181,6 +181,7 @@ def _watch_prometheus(ray_tmp: Path, tmp_path: Path, metrics_path: Path, check_r
                                                        "ray_ddpo_reward_mean": lines[-1]["reward_mean"]}:
                 break
             check_running(f"Prometheus's values equal to metrics.jsonl's last line (so far: {seen})")
+            time.sleep(0.4)  # it scrapes every 0.5 s
         kept = {name: {float(v) for _, v in values} for name, values in scraped(f"{selector}[10m]").items()}
         return {"session": session, "sd_file": Path(sd_file), "seen": seen, "kept": kept}
     finally:

@@ -305,3 +305,36 @@ def test_a_checkpoint_write_that_fails_mid_run_ends_it_in_one_line(ray_session, 
     assert latest_checkpoint(run_dir).name == "epoch_0000"
     assert Learner(config).load_checkpoint(run_dir / "checkpoints" / "epoch_0000") == 1
     assert [m["epoch"] for m in _metrics(run_dir)] == [0]
+
+
+def test_the_learner_group_restarts_until_its_limit_then_the_error_ends_the_run(tmp_path):
+    """The bookkeeping of `Driver.recover_learners`, without Ray: a rank that dies while the
+    group restarts takes another restart; past cluster.learner_max_restarts, or when no learner
+    died (a reward's error, say), the error goes on to end the run in one line."""
+    driver = Driver.__new__(Driver)  # only the state recover_learners and the message use
+    driver.config = tiny_config(tmp_path, **{"cluster.learner_max_restarts": 2})
+    driver.run_dir, driver.learner_restarts = tmp_path, 0
+    driver.learners, driver.samplers, driver.reward_actors = [], [], []
+    dead, restarts = ["learner-0"], []
+
+    def restart(names):
+        restarts.append(list(names))
+        if len(restarts) == 1:  # the new rank dies before the group is up
+            raise ray.exceptions.RayActorError()
+        return 4  # the epoch to redo from
+
+    driver.dead_learners, driver._restart_learners = lambda: list(dead), restart
+    assert driver.recover_learners(ray.exceptions.RayActorError()) == 4
+    assert driver.learner_restarts == 2 and restarts == [["learner-0"], ["learner-0"]]
+    error = ray.exceptions.RayActorError()
+    with pytest.raises(ray.exceptions.RayActorError) as info:  # the limit is spent
+        driver.recover_learners(error)
+    assert info.value is error and driver.learner_restarts == 2
+    assert driver.lost_actor_message(error) == ("the actor 'learner-0' died and the learner group had its 2 "
+                                                "restarts (cluster.learner_max_restarts); no checkpoint was "
+                                                "written yet (see checkpoint_every)")
+    dead.clear()
+    driver.learner_restarts = 0
+    with pytest.raises(ray.exceptions.RayActorError):  # no learner died: not the learner's to mend
+        driver.recover_learners(error)
+    assert driver.learner_restarts == 0
