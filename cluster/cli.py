@@ -412,10 +412,11 @@ def _user_error(err: BaseException) -> BaseException | None:
     """The user-fixable error behind `err`, also when it arrives wrapped by Ray."""
     # the error classes of the modules imported so far (no other can have been raised): an
     # early error is not kept waiting seconds while torch and Ray are imported
-    classes = {"ddpo.config": "ConfigError", "ddpo.pipeline": "ModelLoadError", "rewards": "RewardError",
-               "cluster.placement": "PlacementError", "cluster.driver": "ActorLost WriteFailed"}
-    fixable = (UsageError, FileExistsError, *(getattr(sys.modules[module], name) for module, names in classes.items()
-                                               if module in sys.modules for name in names.split()))
+    classes = [("ddpo.config", "ConfigError"), ("ddpo.pipeline", "ModelLoadError"), ("rewards", "RewardError"),
+               ("cluster.placement", "PlacementError"), ("cluster.driver", "ActorLost"),
+               ("cluster.driver", "WriteFailed")]
+    fixable = (UsageError, FileExistsError,
+               *(getattr(sys.modules[module], name) for module, name in classes if module in sys.modules))
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause

@@ -338,3 +338,28 @@ def test_the_learner_group_restarts_until_its_limit_then_the_error_ends_the_run(
     with pytest.raises(ray.exceptions.RayActorError):  # no learner died: not the learner's to mend
         driver.recover_learners(error)
     assert driver.learner_restarts == 0
+
+
+def test_a_record_write_that_fails_mid_run_ends_it_in_one_line(ray_session, tmp_path, monkeypatch):
+    """The driver's own writes (Parquet, grids, metrics.jsonl) failing on a full disk end the run
+    in one line too."""
+    import errno
+
+    from cluster.driver import WriteFailed
+    from cluster.run_dir import RunRecorder
+
+    def disk_full(self, epoch, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.run_dir / "metrics.jsonl"))
+
+    monkeypatch.setattr(RunRecorder, "record_epoch", disk_full)
+    config = tiny_config(tmp_path, **{"num_epochs": 1, "run_name": "full", "eval_images": 0})
+    driver = Driver(config, make_run_dir(config))
+    with pytest.raises(WriteFailed) as info:
+        try:
+            driver.fit()
+        finally:
+            driver.shutdown()
+    assert str(info.value) == (f"writing the run directory failed ([Errno 28] No space left on device: "
+                               f"'{tmp_path / 'full' / 'metrics.jsonl'}'); the run stopped; go on from "
+                               f"{tmp_path / 'full' / 'checkpoints' / 'epoch_0000'} with: ddpo train --resume "
+                               f"{tmp_path / 'full'}")
