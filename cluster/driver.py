@@ -109,8 +109,7 @@ class Driver:
                 self._wait_ready(self.reward_actors)  # its start: start it before the diffusers actors
             self.samplers = [self._start(SamplerActor, f"sampler-{i}", config, restartable=True)
                              for i in range(c.num_samplers)]
-            self.start_learners()
-            self._wait_ready(self.actors)
+            self.start_learners(loading=[*self.reward_actors, *self.samplers])
         except Exception:
             self.shutdown()
             raise
@@ -144,13 +143,14 @@ class Driver:
         reward = self.config.reward
         return RewardPool(self.reward_actors, reward.label, reward.max_batch_images, reward.timeout_s)
 
-    def start_learners(self) -> None:
+    def start_learners(self, loading: list = ()) -> None:
         """The learner group's ranks, each with its model loaded, joined in one group: rank 0's
-        rendezvous reaches every rank through the driver, and all join together."""
+        rendezvous reaches every rank through the driver, and all join together. `loading`:
+        other actors just started, whose constructors are waited for with the ranks'."""
         c = self.config.cluster
         self.learners = [self._start(LearnerActor, f"learner-{rank}", self.config, rank, c.num_learners)
                          for rank in range(c.num_learners)]
-        self._wait_ready(self.learners)
+        self._wait_ready([*self.learners, *loading])
         if len(self.learners) == 1:
             return
         nodes = set(ray.get([learner.node_id.remote() for learner in self.learners]))
@@ -170,8 +170,12 @@ class Driver:
     @staticmethod
     def _wait_ready(actors: list) -> None:
         """The actors load their models in their constructors: wait for them, so that an error
-        there surfaces now, whole, and no reward timeout counts a model load."""
-        ray.get([actor.ready.remote() for actor in actors])
+        there surfaces now, whole, and no reward timeout counts a model load. The first error
+        is raised as soon as it comes, not after the other actors have loaded."""
+        pending = [actor.ready.remote() for actor in actors]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
 
     def shutdown(self) -> None:
         self.recorder.close()

@@ -54,6 +54,7 @@ def tiny_config(tmp_path=None, **overrides):
         "train.clip_range": 1e-2,
         "advantage.buffer_size": 8,
         "advantage.min_count": 4,
+        "eval_images": 0,  # no before/after evaluation: the tests that check it ask for it
         # one core per device (colocated: sampler-i and learner-i share it), one torch thread
         "cluster.sampler.num_cpus": 1,
         "cluster.learner.num_cpus": 1,
@@ -79,6 +80,18 @@ def ray_processes(title: str) -> list:
         except psutil.Error:  # it ended meanwhile
             pass
     return found
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread in this process, as in an actor of one CPU: the same kernels, the
+    same float sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -152,26 +165,24 @@ def fit_until_an_actor_dies(driver, metrics_path, epochs_recorded: int, kill) ->
 # cores and the layout
 SMALL_DIGITS_EPOCHS = 6
 SMALL_DIGITS = {"num_epochs": SMALL_DIGITS_EPOCHS, "sample.num_steps": 4, "sample.batch_size": 4,
-                "sample.num_batches_per_epoch": 2, "train.batch_size": 4, "cluster.num_samplers": 1,
+                "sample.num_batches_per_epoch": 2, "train.batch_size": 4, "eval_images": 0, "cluster.num_samplers": 1,
                 "cluster.num_learners": 1, "cluster.sampler.num_threads": 1, "cluster.learner.num_threads": 1}
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_digits(ray_session, tmp_path_factory):
-    """The SMALL_DIGITS run that nothing stopped, by a driver in this process (a lag-0 Ray run is
-    deterministic, tests/test_system.py): its run directory."""
+def uninterrupted_digits(tmp_path_factory):
+    """The SMALL_DIGITS run that nothing stopped: its run directory. The same classes composed in
+    this process, with one torch thread as the actors have: a lag-0 Ray run equals it bit for bit
+    (tests/test_system.py), without the actors' start."""
     from cluster.cli import embedded_config
-    from cluster.driver import Driver
+    from cluster.inprocess import InProcessRun
     from cluster.run_dir import make_run_dir
 
     root = tmp_path_factory.mktemp("uninterrupted")
     config = load_config(embedded_config(), [f"{k}={v}" for k, v in
                                              {**SMALL_DIGITS, "output_dir": root, "run_name": "full"}.items()])
-    driver = Driver(config, make_run_dir(config))
-    try:
-        driver.fit()
-    finally:
-        driver.shutdown()
+    with one_torch_thread():
+        InProcessRun(config, make_run_dir(config)).fit()
     return root / "full"
 
 
@@ -302,4 +313,17 @@ def tiny_aesthetic(tmp_path_factory):
     torch.save(head, folder / "sac+logos+ava1-l14-linearMSE.pth")
     return folder, clip, head
 
+
+# The modules that take longest, longest first: `make test` runs the modules on two pytest-xdist
+# workers (--dist loadscope), each module on one worker, in this order; the many short ones fill in
+# at the end.
+SLOW_MODULES = ["test_system.py", "test_job.py", "test_main_job.py", "test_learner_group.py", "test_resume.py",
+                "test_families.py", "test_alignment.py", "test_learner.py", "test_workflow.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return SLOW_MODULES.index(item.path.name) if item.path.name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
 

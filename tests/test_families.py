@@ -97,7 +97,7 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     from tests.conftest import tiny_config
 
     config = tiny_config(tmp_path, **{"model.pretrained": folders[name], "num_epochs": 1, "sample.num_steps": 2,
-                                      "eval_images": 0, "advantage.mode": "group", "advantage.group_size": 4,
+                                      "advantage.mode": "group", "advantage.group_size": 4,
                                       "train.kl_coef": 0.04, "cluster.num_samplers": 1, "cluster.num_learners": 1})
     driver = Driver(config, make_run_dir(config))
     try:

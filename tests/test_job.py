@@ -47,7 +47,8 @@ def ray_head(tmp_path_factory):
     (dashboard URL, environment, GCS address)."""
     tmp_path = tmp_path_factory.mktemp("head")
     dashboard_port, gcs_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the head's env runs the job
+    # the head's env runs the job; token authentication on, named: a node that joins needs it set to use the token
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     log = open(tmp_path / "head.log", "w")
     temp_dir = tempfile.mkdtemp(prefix="ddpo-ray-")  # short: Ray's socket paths must fit in 107 bytes
     health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 500,
@@ -80,8 +81,7 @@ def ray_head(tmp_path_factory):
 
 def _ray(env, *args, timeout=120):
     """A `ray` command with the token sent; its stdout."""
-    done = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**env, "RAY_AUTH_MODE": "token"})
+    done = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

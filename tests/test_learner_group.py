@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.driver import Driver
+from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import fit_until_an_actor_dies, tiny_config
+from tests.conftest import fit_until_an_actor_dies, one_torch_thread, tiny_config
 
 EPOCHS = 3
 # two inner epochs of two minibatches each, gradients accumulated over both: one optimizer
 # step per inner epoch; half of each trajectory's steps trained
-SETTINGS = {"num_epochs": EPOCHS, "checkpoint_every": 1, "eval_images": 0, "train.num_inner_epochs": 2,
+SETTINGS = {"num_epochs": EPOCHS, "checkpoint_every": 1, "train.num_inner_epochs": 2,
             "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5}
 # Measured here after the first update (two AdamW steps of lr 3e-3, so up to 6e-3 per weight):
 # at most 3.4e-6 apart for k = 2 and 2.2e-5 for k = 3, in LoRA A matrices. Their gradient is 0
@@ -41,16 +42,13 @@ RUN_TOLERANCE = {"reward_mean": {"abs": 1e-3}, "reward_std": {"abs": 1e-3}, "los
                  "importance_weight_mean": {"abs": 1e-9}}
 
 
-def _run(tmp_path, name, num_learners, num_epochs=EPOCHS, resume_from=None):
-    config = tiny_config(tmp_path, run_name=name, **{**SETTINGS, "cluster.num_learners": num_learners,
-                                                     "num_epochs": num_epochs})
+def _run(tmp_path, name, num_learners):
+    config = tiny_config(tmp_path, run_name=name, **{**SETTINGS, "cluster.num_learners": num_learners})
     driver = Driver(config, make_run_dir(config))
     try:
-        start = driver.resume(resume_from) if resume_from is not None else 0
-        history = driver.fit(start)
+        return driver.fit()
     finally:
         driver.shutdown()
-    return history
 
 
 def _lora(tmp_path, name, epoch):
@@ -69,8 +67,13 @@ def _max_difference(a, b):
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
+    """The k = 1 run, as the same classes composed in this process (a lag-0 Ray run with one
+    learner equals it bit for bit: tests/test_system.py), and the k = 2 run on Ray."""
     tmp_path = tmp_path_factory.mktemp("group")
-    return tmp_path, {k: _run(tmp_path, f"k{k}", k) for k in (1, 2)}
+    config = tiny_config(tmp_path, run_name="k1", **SETTINGS)
+    with one_torch_thread():
+        one = InProcessRun(config, make_run_dir(config)).fit()
+    return tmp_path, {1: one, 2: _run(tmp_path, "k2", 2)}
 
 
 def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_rank_is_named(ray_session, runs,

@@ -14,7 +14,7 @@ import torch
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import kill_once_recorded, ray_processes, tiny_config
+from tests.conftest import kill_once_recorded, one_torch_thread, ray_processes, tiny_config
 
 
 def _run(config):
@@ -97,14 +97,10 @@ def test_lag0_run_equals_the_inprocess_composition(ray_session, tmp_path, undist
     """The Ray run equals the same classes composed in this process, bit for bit (a second Ray
     run equal to the first: test_actors_killed_mid_run_are_restarted_and_nothing_is_lost)."""
     history_a, (version_a, weights_a), run_dir = undisturbed.history, undisturbed.weights, undisturbed.run_dir
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors (num_cpus 1): same kernels, same float sums
-    try:
+    with one_torch_thread():  # as the actors (num_cpus 1)
         config = tiny_config(tmp_path, run_name="inprocess", **UNDISTURBED)
         run = InProcessRun(config, make_run_dir(config))
         history_c, learner = run.fit(), run.learner
-    finally:
-        torch.set_num_threads(threads)
     version_c, weights_c = learner.weights()
     assert version_a == version_c == 3
     for a, c in zip(history_a, history_c, strict=True):
@@ -116,10 +112,21 @@ def test_lag0_run_equals_the_inprocess_composition(ray_session, tmp_path, undist
     assert (run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_lag1_pipelines_with_versions_one_behind(ray_session, tmp_path):
-    config = tiny_config(tmp_path, **{"num_epochs": 3, "cluster.max_policy_lag": 1})
+@pytest.fixture(scope="module")
+def lag1_judged(ray_session, tmp_path_factory):
+    """A lag-1 run of 3 epochs scored by a stand-in judge that answers, with a before/after
+    evaluation of 8 images: its history, final version and directory."""
+    tmp_path = tmp_path_factory.mktemp("lag1")
+    config = tiny_config(tmp_path, **{"num_epochs": 3, "cluster.max_policy_lag": 1, "run_name": "judged",
+                                      "reward.name": "tests.test_rewards:brightness_judge",
+                                      "reward.params": "{threshold: 0.4}", "eval_images": 8})
     history, (version, _) = _run(config)
-    assert version == 3
+    return SimpleNamespace(history=history, version=version, run_dir=tmp_path / "judged")
+
+
+def test_lag1_pipelines_with_versions_one_behind(lag1_judged):
+    history = lag1_judged.history
+    assert lag1_judged.version == 3
     assert [m["policy_lag_mean"] for m in history] == [0.0, 1.0, 1.0]
     assert all(m["dropped_stale"] == 0 and m["num_samples"] == 8 for m in history)
     assert history[1]["importance_weight_mean"] < 1.0
@@ -147,11 +154,8 @@ def test_a_reward_that_fails_to_load_is_its_own_one_line_error(ray_session, tmp_
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
-def test_a_run_records_the_rewards_answers_and_a_before_after_grid(ray_session, tmp_path):
-    config = tiny_config(tmp_path, **{"reward.name": "tests.test_rewards:brightness_judge",
-                                      "reward.params": "{threshold: 0.4}", "eval_images": 8, "run_name": "judged"})
-    history, _ = _run(config)
-    run_dir = tmp_path / "judged"
+def test_a_run_records_the_rewards_answers_and_a_before_after_grid(lag1_judged):
+    history, run_dir = lag1_judged.history, lag1_judged.run_dir
     table = pq.read_table(run_dir / "trajectories" / "epoch_0001.parquet")
     assert set(table.column("info.answer").to_pylist()) <= {"bright", "dark"}
     assert history[1]["correct_mean"] == np.mean(table.column("info.correct").to_numpy())
@@ -161,7 +165,7 @@ def test_a_run_records_the_rewards_answers_and_a_before_after_grid(ray_session, 
     after = pq.read_table(run_dir / "samples" / "eval_after.parquet")
     assert before.column("seed").to_pylist() == after.column("seed").to_pylist()  # the same noise
     assert before.column("eval_policy_version")[0].as_py() == 0
-    assert after.column("eval_policy_version")[0].as_py() == 2
+    assert after.column("eval_policy_version")[0].as_py() == lag1_judged.version
     assert (run_dir / "before_after.png").is_file()
 
 
@@ -175,7 +179,7 @@ def test_the_papers_model_rewards_score_a_run_through_the_pool(ray_session, tmp_
     aesthetic = {"clip_model": str(aesthetic_dir / "clip"), "head": str(aesthetic_dir / "head.safetensors"),
                  "device": "cpu"}
     config = tiny_config(tmp_path, **{
-        "num_epochs": 1, "eval_images": 0, "run_name": "vlm", "cluster.num_reward_actors": 2,
+        "num_epochs": 1, "run_name": "vlm", "cluster.num_reward_actors": 2,
         "reward.weighted": json.dumps([{"name": "prompt_alignment", "weight": 1.0, "params": alignment},
                                        {"name": "aesthetic", "weight": 0.1, "params": aesthetic}])})
     history, _ = _run(config)
@@ -283,7 +287,7 @@ def test_a_checkpoint_write_that_fails_mid_run_ends_it_in_one_line(ray_session, 
     from cluster.run_dir import latest_checkpoint
     from learner import Learner
 
-    config = tiny_config(tmp_path, **{"num_epochs": 3, "checkpoint_every": 1, "run_name": "full", "eval_images": 0})
+    config = tiny_config(tmp_path, **{"num_epochs": 3, "checkpoint_every": 1, "run_name": "full"})
     run_dir = tmp_path / "full"
     driver = Driver(config, make_run_dir(config))
     pid = ray.get(driver.learners[0].__ray_call__.remote(lambda self: __import__("os").getpid()))
@@ -352,7 +356,7 @@ def test_a_record_write_that_fails_mid_run_ends_it_in_one_line(ray_session, tmp_
         raise OSError(errno.ENOSPC, "No space left on device", str(self.run_dir / "metrics.jsonl"))
 
     monkeypatch.setattr(RunRecorder, "record_epoch", disk_full)
-    config = tiny_config(tmp_path, **{"num_epochs": 1, "run_name": "full", "eval_images": 0})
+    config = tiny_config(tmp_path, **{"num_epochs": 1, "run_name": "full"})
     driver = Driver(config, make_run_dir(config))
     with pytest.raises(WriteFailed) as info:
         try:
