@@ -326,4 +326,3 @@ def pytest_collection_modifyitems(items):
         return SLOW_MODULES.index(item.path.name) if item.path.name in SLOW_MODULES else len(SLOW_MODULES)
 
     items.sort(key=rank)  # stable: each module's tests keep their order
-

@@ -47,7 +47,7 @@ def ray_head(tmp_path_factory):
     (dashboard URL, environment, GCS address)."""
     tmp_path = tmp_path_factory.mktemp("head")
     dashboard_port, gcs_port = free_port(), free_port()
-    # the head's env runs the job; token authentication on, named: a node that joins needs it set to use the token
+    # the head's env runs the job; token authentication named: a joining node sends the token only then
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     log = open(tmp_path / "head.log", "w")
     temp_dir = tempfile.mkdtemp(prefix="ddpo-ray-")  # short: Ray's socket paths must fit in 107 bytes
