@@ -146,7 +146,8 @@ class Driver:
     def start_learners(self, loading: list = ()) -> None:
         """The learner group's ranks, each with its model loaded, joined in one group: rank 0's
         rendezvous reaches every rank through the driver, and all join together. `loading`:
-        other actors just started, whose constructors are waited for with the ranks'."""
+        other actors just started, waited for with the ranks, so that an error in any of their
+        constructors (a reward that fails to load) ends the start before the ranks have loaded."""
         c = self.config.cluster
         self.learners = [self._start(LearnerActor, f"learner-{rank}", self.config, rank, c.num_learners)
                          for rank in range(c.num_learners)]
@@ -170,12 +171,9 @@ class Driver:
     @staticmethod
     def _wait_ready(actors: list) -> None:
         """The actors load their models in their constructors: wait for them, so that an error
-        there surfaces now, whole, and no reward timeout counts a model load. The first error
-        is raised as soon as it comes, not after the other actors have loaded."""
-        pending = [actor.ready.remote() for actor in actors]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
+        there surfaces now, whole, and no reward timeout counts a model load. ray.get raises
+        the first error as soon as it comes, without waiting for the other actors to load."""
+        ray.get([actor.ready.remote() for actor in actors])
 
     def shutdown(self) -> None:
         self.recorder.close()
