@@ -2,8 +2,6 @@
 k, only the float summation order does: k = 2 or 3 must equal k = 1 to float tolerance, and a
 k = 2 run resumed from its checkpoint must equal the uninterrupted k = 2 run bit for bit."""
 
-import json
-
 import numpy as np
 import pytest
 import ray
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import fit_until_an_actor_dies, one_torch_thread, tiny_config
+from tests.conftest import fit_until_an_actor_dies, one_torch_thread, run_metrics, tiny_config
 
 EPOCHS = 3
 # two inner epochs of two minibatches each, gradients accumulated over both: one optimizer
@@ -95,7 +93,7 @@ def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_ran
     assert message == (f"the actor 'learner-2' died and was not restarted; go on from "
                        f"{tmp_path / 'k3' / 'checkpoints' / 'epoch_0000'} with: ddpo train --resume {tmp_path / 'k3'}")
 
-    histories[3] = [json.loads(metrics_path.read_text().splitlines()[0])]
+    histories[3] = run_metrics(tmp_path / "k3")[:1]
     one = _lora(group_path, "k1", 0)
     assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora.up" in k)  # it trained
     for k, path in [(2, group_path), (3, tmp_path)]:
@@ -139,8 +137,7 @@ def test_a_rank_killed_mid_run_restarts_the_group_from_the_checkpoint_and_the_ru
             history = driver.fit()
         finally:
             driver.shutdown()
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "k2-killed" / "metrics.jsonl").read_text().splitlines()
-            ] == list(range(EPOCHS))
+    assert [m["epoch"] for m in run_metrics(tmp_path / "k2-killed")] == list(range(EPOCHS))
     assert history[-1]["learner_restarts"] == 1
     a, b = _lora(tmp_path, "k2-killed", EPOCHS - 1), _lora(tmp_path, "k2", EPOCHS - 1)
     assert all(torch.equal(a[k], b[k]) for k in a)

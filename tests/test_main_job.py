@@ -34,7 +34,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_metrics
 
 PROMETHEUS = shutil.which("prometheus")
 NAMES = ("ray_ddpo_policy_version", "ray_ddpo_reward_mean")
@@ -256,7 +256,7 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(m
     assert "\nlayout: colocated, sampler-0 + learner-0 (" in out.stdout
     assert re.search(r"\nbusy: samplers \d+%, learners \d+%, reward actors \d+%\n", out.stdout), out.stdout
     assert "epochs: 100%" in out.stderr  # the progress bar
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_metrics(run_dir)
     assert len(metrics) == NUM_EPOCHS
     for field in ["epoch", "policy_version", "reward_mean", "reward_std", "correct_mean", "approx_kl", "clipfrac",
                   "loss", "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",

@@ -14,7 +14,7 @@ import torch
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
-from tests.conftest import kill_once_recorded, one_torch_thread, ray_processes, tiny_config
+from tests.conftest import kill_once_recorded, one_torch_thread, ray_processes, run_metrics, tiny_config
 
 
 def _run(config):
@@ -25,10 +25,6 @@ def _run(config):
     finally:
         driver.shutdown()
     return history, weights
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 UNDISTURBED = {"num_epochs": 3, "checkpoint_every": 1, "cluster.num_samplers": 2}
@@ -107,7 +103,7 @@ def test_lag0_run_equals_the_inprocess_composition(ray_session, tmp_path, undist
         assert [a[k] for k in EXACT] == [c[k] for k in EXACT]
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_c[key])
-    assert len(_metrics(run_dir)) == 3
+    assert len(run_metrics(run_dir)) == 3
     assert (run_dir / "samples" / "epoch_0002.png").is_file()
     assert (run_dir / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -267,7 +263,7 @@ def test_actors_killed_mid_run_are_restarted_and_nothing_is_lost(ray_session, tm
     assert sampler.is_set() and learner.is_set() and reward.is_set()
     assert [m["num_samples"] for m in history] == [8, 8, 8]
     assert all(m["duplicate_batches"] == 0 and m["dropped_stale"] == 0 for m in history)
-    assert [m["epoch"] for m in _metrics(tmp_path / "killed")] == [0, 1, 2]
+    assert [m["epoch"] for m in run_metrics(tmp_path / "killed")] == [0, 1, 2]
     assert history[-1]["learner_restarts"] == 1
     reference_history, (reference_version, reference_weights) = undisturbed.history, undisturbed.weights
     assert version == reference_version == 3
@@ -308,7 +304,7 @@ def test_a_checkpoint_write_that_fails_mid_run_ends_it_in_one_line(ray_session, 
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0000"]
     assert latest_checkpoint(run_dir).name == "epoch_0000"
     assert Learner(config).load_checkpoint(run_dir / "checkpoints" / "epoch_0000") == 1
-    assert [m["epoch"] for m in _metrics(run_dir)] == [0]
+    assert [m["epoch"] for m in run_metrics(run_dir)] == [0]
 
 
 def test_the_learner_group_restarts_until_its_limit_then_the_error_ends_the_run(tmp_path):
