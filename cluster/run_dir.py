@@ -53,8 +53,9 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
 
 
 def with_rewards(table: pa.Table, rewards: np.ndarray, info: dict[str, list]) -> pa.Table:
-    """The epoch's rows with their reward and the reward's per-image extras (`info.<key>`)."""
-    table = table.append_column("reward", pa.array(rewards, pa.float32()))
+    """The epoch's rows with their reward (float64: the very values the learner trained on) and
+    the reward's per-image extras (`info.<key>`)."""
+    table = table.append_column("reward", pa.array(rewards, pa.float64()))
     for key, values in info.items():
         table = table.append_column(f"info.{key}", pa.array(values))
     return table

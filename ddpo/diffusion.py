@@ -38,6 +38,22 @@ class GaussianStep(NamedTuple):
     std: torch.Tensor
 
 
+def check_ddim_scheduler(scheduler: DDIMScheduler) -> None:
+    """Refuse, in one line, a scheduler config that `ddim_step_with_logprob` would not step as
+    diffusers' `DDIMScheduler.step` does."""
+    config = scheduler.config
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"scheduler prediction_type '{config.prediction_type}' is not supported: the DDIM step "
+                         "takes 'epsilon', 'v_prediction' or 'sample'")
+    if config.set_alpha_to_one:
+        raise ValueError("scheduler set_alpha_to_one: true makes the last DDIM step deterministic (sigma 0), "
+                         "which has no log-prob; set it to false in the scheduler's config")
+    if config.thresholding:
+        raise ValueError("scheduler thresholding: true is not supported: dynamic thresholding is for pixel-space "
+                         "models (diffusers: unsuitable for latent-space ones such as Stable Diffusion); set it "
+                         "to false in the scheduler's config")
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -57,6 +73,7 @@ def ddim_step_with_logprob(
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    check_ddim_scheduler(scheduler)
     batch = sample.shape[0]
     timestep = torch.as_tensor(timestep, device=sample.device).long().expand(batch)
     x_t = sample.to(torch.float32)
@@ -76,7 +93,8 @@ def ddim_step_with_logprob(
     beta_prod_t = 1 - alpha_prod_t
     beta_prod_t_prev = 1 - alpha_prod_t_prev
 
-    # 3. predicted x_0 ("predicted x_0" in formula (12)) and the noise it implies
+    # 3. predicted x_0 ("predicted x_0" of formula (12)) and the noise it implies, from the model's
+    #    eps, its v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (Salimans & Ho 2022, Sec. 4), or x_0 itself
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         pred_original_sample = (x_t - beta_prod_t.sqrt() * eps) / alpha_prod_t.sqrt()
@@ -84,11 +102,11 @@ def ddim_step_with_logprob(
     elif prediction_type == "v_prediction":
         pred_original_sample = alpha_prod_t.sqrt() * x_t - beta_prod_t.sqrt() * eps
         pred_epsilon = alpha_prod_t.sqrt() * eps + beta_prod_t.sqrt() * x_t
-    elif prediction_type == "sample":
+    else:  # "sample" (check_ddim_scheduler refused the rest)
         pred_original_sample = eps
         pred_epsilon = (x_t - alpha_prod_t.sqrt() * pred_original_sample) / beta_prod_t.sqrt()
-    else:
-        raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
+    # x_0 clipped to [-r, r] as the scheduler's `clip_sample` asks (the direction keeps the
+    # unclipped eps, as diffusers' step does by default)
     if scheduler.config.clip_sample:
         r = scheduler.config.clip_sample_range
         pred_original_sample = pred_original_sample.clamp(-r, r)

@@ -95,6 +95,10 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
+    # in eval mode, as from_pretrained leaves a loaded pipeline: in train mode a VAE convolution
+    # sees its input in another memory layout, and PyTorch's plain kernels round it otherwise
+    for module in (unet, vae, text_encoder):
+        module.eval()
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -187,7 +191,10 @@ def load_pipeline(
             diffusers_logging.set_verbosity(verbosity)
             if bars:
                 diffusers_logging.enable_progress_bar()
-    pipe = family.prepare(pipe)
+    try:
+        pipe = family.prepare(pipe)
+    except ValueError as err:  # a scheduler setting the family cannot step with
+        raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
     model = family(pipe)
     for module in model.frozen_modules():
         module.requires_grad_(False)

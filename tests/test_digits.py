@@ -85,7 +85,12 @@ def test_the_judge_is_above_95_percent_on_its_held_out_split(judge, heldout):
     probs = judge.probabilities(render_digits(test_x, config["image_size"]))
     accuracy = float((probs.argmax(dim=-1).numpy() == test_y).mean())
     assert accuracy > 0.95
-    assert accuracy == pytest.approx(config["heldout_accuracy"], abs=0.01)
+    # the accuracy scripts/train_digits.py recorded, to the digit: only a prediction whose top two
+    # probabilities lie within float32 rounding (1e-4, far above it) of each other could flip
+    # on another CPU's kernels, and the test counts those
+    top_two = probs.sort(dim=-1).values[:, -2:]
+    near_ties = int((top_two[:, 1] - top_two[:, 0] < 1e-4).sum())
+    assert abs(accuracy - config["heldout_accuracy"]) * len(test_y) <= near_ties + 1e-9
 
 
 def test_the_judge_rewards_the_prompted_digit(heldout):

@@ -1,61 +1,99 @@
 """The learner group: k ranks (gloo on CPU) train as one learner. The numbers do not depend on
-k, only the float summation order does: k = 2 or 3 must equal k = 1 to float tolerance, and a
-k = 2 run resumed from its checkpoint must equal the uninterrupted k = 2 run bit for bit."""
+k, only the float summation order does: every update of a k = 2 or k = 3 run equals the update
+one learner makes from the same state and the same batches, to float tolerance, and a k = 2 run
+resumed from its checkpoint equals the uninterrupted k = 2 run bit for bit.
 
-import numpy as np
+Whole runs of different k are not compared epoch by epoch: after the first update the ranks'
+weights differ in their last bits, a pixel of a later epoch rounds the other way, its JPEG
+changes by a byte, and from there the runs see different rewards. So each epoch of a k-rank run
+is replayed in this process by one learner, from the run's own checkpoint of the epoch before,
+on the run's own trajectories of that epoch (`save_latents`)."""
+
+import math
+
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
 
 from cluster.driver import Driver
-from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
+from ddpo.trajectory import EpochTrajectories, read_parquet
+from learner import Learner
 from tests.conftest import fit_until_an_actor_dies, one_torch_thread, run_metrics, tiny_config
 
 EPOCHS = 3
 # two inner epochs of two minibatches each, gradients accumulated over both: one optimizer
-# step per inner epoch; half of each trajectory's steps trained
-SETTINGS = {"num_epochs": EPOCHS, "checkpoint_every": 1, "train.num_inner_epochs": 2,
-            "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5}
-# Measured here after the first update (two AdamW steps of lr 3e-3, so up to 6e-3 per weight):
-# at most 3.4e-6 apart for k = 2 and 2.2e-5 for k = 3, in LoRA A matrices. Their gradient is 0
-# at the first step (B starts at 0) and of the order of adam_epsilon at the second, where
-# Adam's g / (sqrt(v) + eps) turns the float summation order (grad_norm agrees to 2e-7) into a
-# part of the step; with adam_epsilon 1e-3 the weights agree to 2.4e-8 (k = 2) and 3.8e-8 (k =
-# 3). Adam hides a wrongly scaled gradient, so grad_norm and the loss are held tight below.
-WEIGHT_ATOL = 1e-4
-# the epochs' metrics, k = 2 against k = 1 (largest difference measured here over 3 epochs):
-# rewards identical, loss 5.4e-8 (a mean of O(1) terms that cancel), approx_kl 3e-11 (values
-# of 2e-7 to 3e-6), grad_norm 6e-6 relative, clipfrac and importance weights identical
-TOLERANCE = {"reward_mean": {"rel": 1e-6}, "reward_std": {"rel": 1e-6}, "loss": {"abs": 1e-6},
-             "approx_kl": {"abs": 1e-9}, "clipfrac": {"abs": 1e-9}, "grad_norm": {"rel": 1e-4},
-             "importance_weight_mean": {"abs": 1e-9}}
-# After the first update the ranks' weights differ by float rounding (above), which can round a
-# pixel of a later epoch's images the other way and change its JPEG by a byte or two. Here the
-# later epochs still came out within TOLERANCE; what they are held to is what such a flip can
-# move: 1e-3 kB of reward, its share of the normalised advantages in the loss, one clipped term.
-RUN_TOLERANCE = {"reward_mean": {"abs": 1e-3}, "reward_std": {"abs": 1e-3}, "loss": {"abs": 1e-3},
-                 "approx_kl": {"rel": 1e-2, "abs": 1e-9}, "clipfrac": {"abs": 0.05}, "grad_norm": {"rel": 1e-2},
-                 "importance_weight_mean": {"abs": 1e-9}}
+# step per inner epoch; half of each trajectory's steps trained. adam_epsilon 1e-3 (above the
+# LoRA gradients' elements) keeps Adam's step a smooth function of the gradient, with slope at
+# most lr / eps: with the default 1e-8, a gradient element near 0 (LoRA A's at the second step,
+# B starting at 0) is divided by its own size, and a difference in its last bits becomes a step
+# of anything up to lr.
+SETTINGS = {"num_epochs": EPOCHS, "checkpoint_every": 1, "save_latents": True, "train.num_inner_epochs": 2,
+            "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5, "train.adam_epsilon": 1e-3}
+
+# Where every tolerance below comes from: the one float error the suite fixes by contract. Two
+# float32 computations of the same log-prob that differ in batch composition, kernels (AVX-512,
+# AVX2, plain) or summation order agree to |ratio - 1| < 1e-4 (DESIGN.md; held by
+# tests/test_diffusion.py and tests/test_families.py). Everything an update computes is made of
+# such log-probs and their gradients, each term off by at most this much of its own size.
+RHO = 1e-4
 
 
-def _run(tmp_path, name, num_learners):
-    config = tiny_config(tmp_path, run_name=name, **{**SETTINGS, "cluster.num_learners": num_learners})
-    driver = Driver(config, make_run_dir(config))
+def assert_the_same_update(metrics: dict, reference: dict, config, label) -> None:
+    """One update's diagnostics, computed two ways from the same state and batches."""
+    t = config.train
+    steps_trained = max(1, int(config.sample.num_steps * t.timestep_fraction))
+    num_terms = metrics["num_samples"] * steps_trained * t.num_inner_epochs  # (sample, step) terms
+    terms_per_gradient = t.batch_size * steps_trained * t.gradient_accumulation_steps
+    assert metrics["num_samples"] == reference["num_samples"], label
+    assert metrics["policy_version"] == reference["policy_version"], label
+    # at lag 0 the stored log-probs are the proximal policy's: every weight is exactly 1
+    assert metrics["importance_weight_mean"] == reference["importance_weight_mean"] == 1.0, label
+    # loss = mean of w * max(-A r, -A clip(r)) with r within RHO (and the clip) of the other's
+    assert metrics["loss"] == pytest.approx(reference["loss"], rel=0,
+                                            abs=RHO * (1 + t.clip_range) * reference["advantage_abs_mean"]), label
+    # approx_kl = mean of d^2 / 2, d = log r, each d within RHO: |delta| <= RHO mean|d| + RHO^2 / 2,
+    # and mean|d| <= sqrt(mean d^2) = sqrt(2 approx_kl)
+    kl = reference["approx_kl"]
+    assert metrics["approx_kl"] == pytest.approx(kl, rel=0, abs=RHO * math.sqrt(2 * kl) + RHO**2 / 2), label
+    # a term's clip can flip only if its ratio lies within RHO of 1 +- clip_range: allow one
+    assert metrics["clipfrac"] == pytest.approx(reference["clipfrac"], rel=0, abs=1 / num_terms), label
+    # an optimizer step's gradient sums its terms, each within RHO of its size: within
+    # terms * RHO of the largest term, which the sum is taken to be no smaller than. A gradient
+    # scaled by the rank's share the wrong way is 1/k off: tens of percent.
+    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=terms_per_gradient * RHO), label
+
+
+def weight_atol(metrics: dict, config) -> float:
+    """How far one update's LoRA weights may move apart when its gradients differ by their float
+    tolerance: Adam's step is lr * m / (sqrt(v) + eps), whose slope in each of m and sqrt(v) is at
+    most 1 / eps; m and sqrt(v) are averages of the gradients, each element off by at most the
+    gradient's error, terms_per_gradient * RHO * its norm. Summed over the optimizer steps."""
+    t = config.train
+    steps_trained = max(1, int(config.sample.num_steps * t.timestep_fraction))
+    terms_per_gradient = t.batch_size * steps_trained * t.gradient_accumulation_steps
+    num_steps = t.num_inner_epochs * math.ceil(metrics["num_samples"] / (t.batch_size * t.gradient_accumulation_steps))
+    return num_steps * 2 * t.learning_rate / t.adam_epsilon * terms_per_gradient * RHO * metrics["grad_norm"]
+
+
+def _config(tmp_path, name, num_learners, **extra):
+    return tiny_config(tmp_path, run_name=name, **{**SETTINGS, "cluster.num_learners": num_learners, **extra})
+
+
+def _run(config):
+    """The run on Ray; its run directory."""
+    run_dir = make_run_dir(config)
+    driver = Driver(config, run_dir)
     try:
-        return driver.fit()
+        driver.fit()
     finally:
         driver.shutdown()
+    return run_dir
 
 
-def _lora(tmp_path, name, epoch):
-    return load_file(str(tmp_path / name / "checkpoints" / f"epoch_{epoch:04d}" / "pytorch_lora_weights.safetensors"))
-
-
-def _distance(a, b):
-    """The L2 norm of the difference of two LoRA states."""
-    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
+def _lora(run_dir, epoch):
+    return load_file(str(run_dir / "checkpoints" / f"epoch_{epoch:04d}" / "pytorch_lora_weights.safetensors"))
 
 
 def _max_difference(a, b):
@@ -63,110 +101,120 @@ def _max_difference(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
-    """The k = 1 run, as the same classes composed in this process (a lag-0 Ray run with one
-    learner equals it bit for bit: tests/test_system.py), and the k = 2 run on Ray."""
-    tmp_path = tmp_path_factory.mktemp("group")
-    config = tiny_config(tmp_path, run_name="k1", **SETTINGS)
+def replay(config, run_dir, epoch: int) -> tuple[dict, dict, dict, dict]:
+    """Epoch `epoch` of a run, trained again by one learner in this process (one torch thread, as
+    an actor's): from the run's checkpoint of the epoch before (the initial weights for epoch 0)
+    on the batches and rewards the run recorded. Returns its metrics, the LoRA state before and
+    after it, and the run's own LoRA after that epoch (its checkpoint), as the same peft state."""
+    table = read_parquet(run_dir / "trajectories" / f"epoch_{epoch:04d}.parquet")
+    size = config.sample.batch_size
+    batches = [table.slice(start, size).combine_chunks().to_batches()[0] for start in range(0, table.num_rows, size)]
+    assert [b.column("batch_id")[0].as_py() for b in batches] == list(dict.fromkeys(table["batch_id"].to_pylist()))
+    rewards = [b.column("reward").to_numpy() for b in batches]
     with one_torch_thread():
-        one = InProcessRun(config, make_run_dir(config)).fit()
-    return tmp_path, {1: one, 2: _run(tmp_path, "k2", 2)}
+        learner = Learner(config)
+        if epoch:
+            learner.load_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch - 1:04d}")
+        before = learner.weights()[1]
+        metrics = learner.train(EpochTrajectories.from_batches([b.drop_columns(["reward"]) for b in batches]), rewards)
+    recorded = learner.model.read_lora(run_dir / "checkpoints" / f"epoch_{epoch:04d}")
+    return metrics, before, learner.weights()[1], recorded
 
 
-def test_one_update_with_two_or_three_learners_equals_one_learner_and_a_dead_rank_is_named(ray_session, runs,
-                                                                                        tmp_path):
-    """The first update trains on the same samples (the same initial weights): k = 2 splits each
-    minibatch of 4 samples 2 + 2, k = 3 splits it 2 + 1 + 1. Then learner-2 is SIGKILLed while
-    the group trains epoch 1, with no restart allowed (cluster.learner_max_restarts = 0): the
-    run ends, naming the rank that died (not rank 0's broken all-reduce) and the checkpoint to
-    go on from."""
+@pytest.fixture(scope="module")
+def two_learners(ray_session, tmp_path_factory):
+    """The k = 2 run on Ray: its config and run directory."""
+    config = _config(tmp_path_factory.mktemp("group"), "k2", 2)
+    return config, _run(config)
+
+
+def test_every_update_of_a_two_learner_run_is_one_learners_update(two_learners):
+    config, run_dir = two_learners
+    history = run_metrics(run_dir)
+    assert [m["epoch"] for m in history] == list(range(EPOCHS))
+    assert [m["policy_version"] for m in history] == list(range(1, EPOCHS + 1))
+    first = _lora(run_dir, 0)
+    assert any(float(v.abs().max()) > 0 for k, v in first.items() if "lora.up" in k)  # it trained
+    for m in history:
+        metrics, before, after, recorded = replay(config, run_dir, m["epoch"])
+        assert_the_same_update(m, metrics, config, m["epoch"])
+        # within the bound, which is under half the update itself: the comparison can fail
+        atol = weight_atol(metrics, config)
+        assert _max_difference(after, recorded) <= atol < _max_difference(after, before) / 2
+    # both ranks worked: the learners' busy fraction is recorded for the run
+    assert all(0 < m["busy_learner"] <= 1 for m in history)
+
+
+def test_three_learners_update_as_one_and_a_dead_rank_is_named(ray_session, two_learners, tmp_path):
+    """k = 3 splits each minibatch of 4 samples 2 + 1 + 1; its first update is one learner's.
+    Then learner-2 is SIGKILLed while the group trains epoch 1, with no restart allowed
+    (cluster.learner_max_restarts = 0): the run ends, naming the rank that died (not rank 0's
+    broken all-reduce) and the checkpoint to go on from."""
     import psutil
 
-    group_path, histories = runs
-    config = tiny_config(tmp_path, run_name="k3", **{**SETTINGS, "num_epochs": 20, "cluster.num_learners": 3,
-                                                     "cluster.learner_max_restarts": 0})
-    driver = Driver(config, make_run_dir(config))
+    config = _config(tmp_path, "k3", 3, num_epochs=20, **{"cluster.learner_max_restarts": 0})
+    run_dir = make_run_dir(config)
+    driver = Driver(config, run_dir)
     pid = ray.get(driver.learners[2].__ray_call__.remote(lambda self: __import__("os").getpid()))
-    metrics_path = tmp_path / "k3" / "metrics.jsonl"
-    message = fit_until_an_actor_dies(driver, metrics_path, 1, psutil.Process(pid).kill)
+    message = fit_until_an_actor_dies(driver, run_dir / "metrics.jsonl", 1, psutil.Process(pid).kill)
     assert message == (f"the actor 'learner-2' died and was not restarted; go on from "
-                       f"{tmp_path / 'k3' / 'checkpoints' / 'epoch_0000'} with: ddpo train --resume {tmp_path / 'k3'}")
+                       f"{run_dir / 'checkpoints' / 'epoch_0000'} with: ddpo train --resume {run_dir}")
 
-    histories[3] = run_metrics(tmp_path / "k3")[:1]
-    one = _lora(group_path, "k1", 0)
-    assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora.up" in k)  # it trained
-    for k, path in [(2, group_path), (3, tmp_path)]:
-        assert _max_difference(one, _lora(path, f"k{k}", 0)) < WEIGHT_ATOL, k
-        first, reference = histories[k][0], histories[1][0]
-        assert first["reward_mean"] == reference["reward_mean"]  # the same samples
-        assert first["num_samples"] == reference["num_samples"] == 8
-        for key, tolerance in TOLERANCE.items():
-            assert first[key] == pytest.approx(reference[key], **tolerance), (k, key)
+    first = run_metrics(run_dir)[0]
+    assert first["reward_mean"] == run_metrics(two_learners[1])[0]["reward_mean"]  # the same initial weights
+    metrics, before, after, recorded = replay(config, run_dir, 0)
+    assert_the_same_update(first, metrics, config, 0)
+    atol = weight_atol(metrics, config)
+    assert _max_difference(after, recorded) <= atol < _max_difference(after, before) / 2
 
 
-def test_a_lag0_run_with_two_learners_reproduces_the_one_learner_run(runs):
-    tmp_path, histories = runs
-    for one, two in zip(histories[1], histories[2], strict=True):
-        assert two["policy_version"] == one["policy_version"]
-        for key, tolerance in (TOLERANCE if one["epoch"] == 0 else RUN_TOLERANCE).items():
-            assert two[key] == pytest.approx(one[key], **tolerance), (one["epoch"], key)
-    # the final LoRAs: apart by about 1e-5 of the run's update here (in norm); a pixel
-    # rounded the other way could turn a near-zero gradient's Adam step, so 1% is what is held
-    one, two, first = (_lora(tmp_path, name, epoch) for name, epoch in [("k1", EPOCHS - 1), ("k2", EPOCHS - 1),
-                                                                         ("k1", 0)])
-    assert _distance(two, one) < 1e-2 * _distance(one, first)
-    # both ranks worked: the learners' busy fraction is recorded for the run
-    assert all(0 < m["busy_learner"] <= 1 for m in histories[2])
-
-
-def test_a_rank_killed_mid_run_restarts_the_group_from_the_checkpoint_and_the_run_is_exact(ray_session, runs):
+def test_a_rank_killed_mid_run_restarts_the_group_from_the_checkpoint_and_the_run_is_exact(ray_session,
+                                                                                            two_learners, tmp_path):
     """SIGKILL learner-1 once epoch 0 is recorded: the driver starts both ranks again, every
     rank loads the checkpoint rank 0 wrote (as `--resume` does), epochs 1 on are redone, and
-    the run is bit for bit the undisturbed k = 2 run's, with one metrics line per epoch."""
+    the run is bit for bit the undisturbed k = 2 run's (the same processes' kernels), with one
+    metrics line per epoch."""
     import psutil
 
     from tests.conftest import kill_once_recorded
 
-    tmp_path, histories = runs
-    config = tiny_config(tmp_path, run_name="k2-killed", **{**SETTINGS, "cluster.num_learners": 2})
-    driver = Driver(config, make_run_dir(config))
+    reference = run_metrics(two_learners[1])
+    config = _config(tmp_path, "k2-killed", 2)
+    run_dir = make_run_dir(config)
+    driver = Driver(config, run_dir)
     pid = ray.get(driver.learners[1].__ray_call__.remote(lambda self: __import__("os").getpid()))
-    with kill_once_recorded(tmp_path / "k2-killed" / "metrics.jsonl", 1, psutil.Process(pid).kill):
+    with kill_once_recorded(run_dir / "metrics.jsonl", 1, psutil.Process(pid).kill):
         try:
             history = driver.fit()
         finally:
             driver.shutdown()
-    assert [m["epoch"] for m in run_metrics(tmp_path / "k2-killed")] == list(range(EPOCHS))
+    assert [m["epoch"] for m in run_metrics(run_dir)] == list(range(EPOCHS))
     assert history[-1]["learner_restarts"] == 1
-    a, b = _lora(tmp_path, "k2-killed", EPOCHS - 1), _lora(tmp_path, "k2", EPOCHS - 1)
+    a, b = _lora(run_dir, EPOCHS - 1), _lora(two_learners[1], EPOCHS - 1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for m, reference in zip(history, histories[2], strict=True):
+    for m, expected in zip(history, reference, strict=True):
         for key in ["reward_mean", "loss", "approx_kl", "clipfrac", "grad_norm"]:
-            assert m[key] == reference[key], (m["epoch"], key)
+            assert m[key] == expected[key], (m["epoch"], key)
 
 
 def test_timesteps_in_one_forward_is_the_same_update(tmp_path):
     """`train.timesteps_per_forward` batches a minibatch's steps through the UNet together:
-    the same loss and gradient, up to float summation order."""
+    the same loss and gradient, up to the float tolerance of one update."""
     from actors.reward import RewardWorker
     from actors.sampler import Sampler
     from ddpo.plan import epoch_plan
-    from ddpo.trajectory import EpochTrajectories
-    from learner import Learner
 
     results = {}
     for per_forward in (1, 3):
         config = tiny_config(tmp_path, **{"train.timesteps_per_forward": per_forward, "train.timestep_fraction": 0.75,
-                                          "sample.num_steps": 4})
+                                          "sample.num_steps": 4, "train.adam_epsilon": 1e-3})
         learner, sampler = Learner(config), Sampler(config)
         sampler.set_weights(learner.weights())
+        initial = learner.weights()[1]
         batches = [sampler.sample(s.batch_id, s.prompts, s.seeds) for s in epoch_plan(config, config.load_prompts(), 0)]
         rewards = [r for _, r, _ in RewardWorker(config.reward).score(*[summary for _, summary in batches])]
         metrics = learner.train(EpochTrajectories.from_batches([full for full, _ in batches]), rewards)
         results[per_forward] = metrics, learner.weights()[1]
     (m1, w1), (m3, w3) = results[1], results[3]
-    for key in ["loss", "approx_kl", "clipfrac", "grad_norm"]:
-        assert m3[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
-    assert _max_difference(w1, w3) < WEIGHT_ATOL
-    assert not np.isnan(m3["loss"])
+    assert_the_same_update(m3, m1, config, "timesteps_per_forward")
+    assert _max_difference(w1, w3) <= weight_atol(m1, config) < _max_difference(w1, initial) / 2

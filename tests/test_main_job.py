@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, run_metrics
+from tests.float_error import U32
 
 PROMETHEUS = shutil.which("prometheus")
 NAMES = ("ray_ddpo_policy_version", "ray_ddpo_reward_mean")
@@ -262,11 +263,14 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(m
                   "loss", "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",
                   "time_train_s", "time_broadcast_s"]:
         assert field in metrics[-1]
-    for _, step, value in out.live:  # what TensorBoard served during the run: the epochs' reward_mean
-        assert value == pytest.approx(metrics[step]["reward_mean"], rel=1e-6)
+    for _, step, value in out.live:  # what TensorBoard served during the run: the epochs' reward_mean,
+        # which it keeps as a float32 (one rounding: 2^-24 relative)
+        assert value == pytest.approx(metrics[step]["reward_mean"], rel=U32, abs=0)
     accuracy = [m["correct_mean"] for m in metrics]
-    # 128 samples an epoch: an epoch's accuracy is within about +-0.04 of its mean (1 sigma);
-    # this run goes from about 0.37 to 0.64 (lag 0 is deterministic: the same numbers each time)
+    # The learned behaviour, not the numbers: a lag-0 run is deterministic on one machine, but
+    # another CPU's kernels round a pixel the other way and the runs part. 128 samples an epoch
+    # at p ~ 0.5: sigma 0.044 an epoch, 0.036 for the difference of two 3-epoch means. This
+    # run gains about 0.27 (0.37 to 0.64 here); 0.15 asks for more than 3 sigma of it to show.
     assert sum(accuracy[-3:]) / 3 > sum(accuracy[:3]) / 3 + 0.15, accuracy
     assert len(list((run_dir / "samples").glob("epoch_*.png"))) == NUM_EPOCHS
     assert len(list((run_dir / "trajectories").glob("*.parquet"))) == NUM_EPOCHS

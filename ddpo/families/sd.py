@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from ddpo.config import SampleConfig
-from ddpo.diffusion import GaussianStep, ddim_step_with_logprob
+from ddpo.diffusion import GaussianStep, check_ddim_scheduler, ddim_step_with_logprob
 from ddpo.families import Conditioning, ModelFamily
 
 
@@ -17,6 +17,7 @@ class DDIMFamily(ModelFamily):
     @classmethod
     def prepare(cls, pipe):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        check_ddim_scheduler(pipe.scheduler)  # at load time, not at the first step
         return super().prepare(pipe)
 
     def set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
@@ -34,11 +35,15 @@ class DDIMFamily(ModelFamily):
                                       log_prob_reduction=sample.log_prob_reduction)
 
     def noised(self, x0, noise, timesteps):
-        # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; the UNet predicts eps (or v)
+        # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; the UNet predicts eps, v or x_0
         scheduler = self.scheduler
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
-        return noisy, target
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noisy, noise
+        if prediction_type == "v_prediction":
+            return noisy, scheduler.get_velocity(x0, noise, timesteps)
+        return noisy, x0  # "sample"
 
     def _latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae.config.scaling_factor
