@@ -14,7 +14,8 @@ With no --config, `ddpo train` runs the embedded default (configs/digits.yaml: t
 digits model and its judge, on CPU). Every problem the user can fix is one line on stderr and
 exit status 2, before anything starts where it can be seen then: a bad flag (argparse's own
 errors too), config value, device or `--address` (its form, and whether its port answers).
-Ctrl-C stops after the epoch under way with a checkpoint (exit status 130).
+A stop signal (Ctrl-C, SIGTERM, SIGHUP) stops at the next safe point with a checkpoint and the
+resume command, exit status 128 + the signal's number (130, 143, 129); see `GracefulStop`.
 
 After a run (cluster/workflow.py; the model runs in this process): `ddpo sample` draws images
 from a checkpoint's LoRA (the latest by default) or from the base model (`--base`) with the run's
@@ -28,9 +29,9 @@ export` writes a checkpoint as a diffusers folder with a model card: the LoRA al
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,12 @@ DEFAULT_CONFIG = "digits.yaml"
 # `--address`: how long to wait for the cluster's port to answer before saying it cannot be
 # reached (ray.init would wait 30 s for a Ray Client address, minutes for a GCS address)
 CONNECT_TIMEOUT_S = 3.0
+
+# the stop signals, by their name in messages. After one, `ddpo train` exits with 128 + the
+# signal's number, as a shell reports a process the signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+# what whoever sends SIGTERM should allow beyond cluster.stop_grace_s: the driver's exit
+STOP_MARGIN_S = 5
 
 
 class UsageError(Exception):
@@ -197,25 +204,129 @@ def _check_writable(folder: str, field: str) -> None:
         raise UsageError(f"{field}: cannot write to '{folder}' ({err.strerror or err})") from None
 
 
-@contextlib.contextmanager
-def _stop_after_epoch_on_ctrl_c(driver):
-    """The first Ctrl-C lets the epoch under way finish (its metrics and all), the second one
-    interrupts at once. A KeyboardInterrupt raised at an arbitrary point can land in a finalizer,
-    where Python ignores it: the handler only sets a flag, which the driver checks."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def first_ctrl_c(signum, frame):
-        driver.stop_requested.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this epoch (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, first_ctrl_c)
+def _say(line: str, file=None) -> None:
+    """Print a line of the stop path: a terminal gone (SIGHUP) is no reason to fail there."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        print(line, file=file or sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _exit_now(status: int) -> None:
+    """End the process at once, what was printed flushed first (os._exit leaves buffers)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+class GracefulStop:
+    """The one path of every stop signal: Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, `docker
+    stop`, systemd, Kubernetes, `ray job stop`) and SIGHUP (the terminal gone).
+
+    The first sets `requested`: the driver stops at its next safe point (`Driver.fit`), and
+    `ddpo train` writes the checkpoint, prints the resume command and exits with 128 + the
+    signal's number. A second signal (exit status: its own), or `grace_s` (cluster.stop_grace_s)
+    running out, ends the process at once: the checkpoints written so far are whole (written
+    aside, then renamed), and the one line printed names the one to go on from.
+
+    The handlers set a flag or end the process, nothing in between: an exception raised at an
+    arbitrary point can land in a finalizer, where Python ignores it, or halfway through a
+    write. Ending at once is `os._exit`, from the handler or from a timer thread (the main
+    thread may be waiting on Ray): no shutdown that waits on Ray, and none of the C++ crash
+    lines of the handler Ray's core worker installs."""
+
+    def __init__(self, run_dir: Path, grace_s: float, local_ray: bool = False):
+        self.run_dir, self.grace_s, self.local_ray = run_dir, grace_s, local_ray
+        self.requested = threading.Event()
+        self.signum: int | None = None  # the first stop signal
+        self._ending = threading.Lock()
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return STOP_SIGNALS[self.signum]
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+    def install(self) -> None:
+        """After ray.init, which installs a SIGTERM handler of its own (and its core worker one
+        that prints a stack and aborts); in the main thread, where Python runs signal handlers."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.end_now(f"{STOP_SIGNALS[signum]} again", signum)
+        self.signum = signum
+        self.requested.set()
+        _say(f"\n{self.name}: stopping at the next safe point, with a checkpoint ({self.name} again, or "
+             f"cluster.stop_grace_s = {self.grace_s:g} s from now, stops at once)")
+        timer = threading.Timer(self.grace_s, self.end_now, [f"cluster.stop_grace_s = {self.grace_s:g} s ran out"])
+        timer.daemon = True
+        timer.start()
+
+    def end_now(self, reason: str, signum: int | None = None) -> None:
+        """Print where the run can go on from, and end the process: exit status 128 + the number
+        of the signal that ends it (`signum`, else the first)."""
+        from cluster.run_dir import resume_checkpoint
+
+        self._ending.acquire()  # once: a second caller waits here for the first one's exit
+        checkpoint = resume_checkpoint(self.run_dir)
+        where = (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
+                 else "no checkpoint was written (see checkpoint_every_s)")
+        _say(f"\nddpo: stopped at once ({reason}); {where}")
+        if self.local_ray:
+            _kill_grandchildren()
+        _exit_now(128 + (signum or self.signum))
+
+
+def _kill_grandchildren() -> None:
+    """SIGKILL the processes this one's children started: in local mode, the raylet's workers
+    and agents, which would outlive the run's Ray instance a while (the agents wait on its GCS,
+    gone). The children themselves (GCS, raylet, dashboard) end with this process (Ray's fate
+    sharing); killed before it, the raylet would end it first. psutil comes with Ray."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            grandchildren = child.children(recursive=True)
+        except psutil.Error:  # ended meanwhile
+            continue
+        for process in grandchildren:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+
+def job_stop_wait_note(grace_s: float) -> str | None:
+    """Inside a Ray job, `ray job stop` sends SIGTERM, then SIGKILL RAY_JOB_STOP_WAIT_TIME_S
+    (an integer, 3 by default) seconds later: read by the job's supervisor, whose environment
+    the job's driver inherits. A line for the user when that is shorter than the time
+    cluster.stop_grace_s gives a stop to reach its checkpoint; else None."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray for a job's entrypoint only
+        return None
+    try:
+        wait = float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))
+    except ValueError:
+        return None
+    needed = math.ceil(grace_s) + STOP_MARGIN_S
+    if wait >= needed:
+        return None
+    env = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(needed)}})
+    return (f"note: `ray job stop` kills this job {wait:g} s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), "
+            f"within cluster.stop_grace_s = {grace_s:g} s: a stop may not reach its checkpoint; submit with "
+            f"--runtime-env-json '{env}'")
 
 
 def train(args) -> int:
@@ -224,19 +335,32 @@ def train(args) -> int:
 
     from cluster.driver import ActorLost, Driver
     from cluster.metrics import bottleneck_hint, busy_summary
-    from cluster.run_dir import latest_checkpoint, make_run_dir, start_tensorboard
+    from cluster.run_dir import make_run_dir, resume_checkpoint, start_tensorboard
 
     if args.resume is None:
         run_dir, checkpoint = make_run_dir(config), None
     else:
-        run_dir, checkpoint = Path(args.resume), latest_checkpoint(Path(args.resume))
+        run_dir, checkpoint = Path(args.resume), resume_checkpoint(Path(args.resume))
         if checkpoint is None:
             raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
+    stop = GracefulStop(run_dir, config.cluster.stop_grace_s, local_ray=address is None)
     if address is None:  # local single-node mode: every socket on loopback (cluster/local.py)
         from cluster.local import start_local_ray
 
-        # Ray's own INFO lines left out: the dashboard's URL is printed below
-        context = start_local_ray(namespace="ddpo", include_dashboard=True, logging_level=logging.WARNING)
+        # Ray's processes block SIGINT, so that a Ctrl-C in a terminal, which signals the whole
+        # foreground process group, reaches the driver alone. They inherit the signal mask of
+        # the thread that starts them: with SIGTERM and SIGHUP blocked too, a signal to the
+        # process group (`timeout`, systemd, a terminal closed) is the driver's alone to handle,
+        # while the run's Ray instance goes on to the checkpoint. That instance ends with the
+        # driver: Ray's fate sharing (SIGKILL), or ray.shutdown (SIGKILL after a second's grace)
+        held = {signal.SIGTERM, signal.SIGHUP} if threading.current_thread() is threading.main_thread() else set()
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            # Ray's own INFO lines left out: the dashboard's URL is printed below
+            context = start_local_ray(namespace="ddpo", include_dashboard=True, logging_level=logging.WARNING)
+            stop.install()  # before the signals held meanwhile arrive
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     else:
         try:
             context = ray.init(address=address, namespace="ddpo")
@@ -244,6 +368,7 @@ def train(args) -> int:
             from ddpo.pipeline import _one_line
 
             raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({_one_line(err)})") from None
+        stop.install()
     dashboard = context.dashboard_url
     token = " (token: run `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"run directory: {run_dir.resolve()}")
@@ -252,32 +377,29 @@ def train(args) -> int:
         print(f"TensorBoard: {start_tensorboard(run_dir / 'tensorboard')} (live curves of this run)", flush=True)
     else:
         print("TensorBoard: not served; add --tensorboard for the live curves of this run")
+    note = job_stop_wait_note(config.cluster.stop_grace_s)
+    if note:
+        print(note)
     driver = None
     try:
-        driver = Driver(config, run_dir)
+        driver = Driver(config, run_dir, stop_requested=stop.requested)
         print(f"layout: {driver.config.cluster.layout}, {driver.placement.describe()}")
         start_epoch = 0
         if checkpoint is not None:
             start_epoch = driver.resume(checkpoint)
             print(f"resuming from {checkpoint} at epoch {start_epoch}")
-        with _stop_after_epoch_on_ctrl_c(driver):
-            history = driver.fit(start_epoch)
-        if driver.stop_requested.is_set():
-            raise KeyboardInterrupt
+        history = driver.fit(start_epoch)
+        if stop.requested.is_set() and not driver.completed:
+            return _stopped(stop, driver, run_dir)
     except ray.exceptions.RayActorError as err:
         if driver is None:
             raise
         raise ActorLost(driver.lost_actor_message(err)) from None
-    except KeyboardInterrupt:
-        # after a second Ctrl-C: waits for an update in progress, then saves the learner as it stands
-        saved = driver.save_checkpoint() if driver is not None else None
-        if saved is not None:
-            print(f"\ninterrupted: checkpoint {saved}; go on with: ddpo train --resume {run_dir}")
-        raise
     finally:
         if driver is not None:
             driver.shutdown()
         ray.shutdown()
+        stop.uninstall()
     if history:
         first, last = history[0], history[-1]
         print(f"reward_mean: epoch {first['epoch']} {first['reward_mean']:.4f}, "
@@ -295,6 +417,17 @@ def train(args) -> int:
         print(f"eval batch: {changes} ({run_dir / 'before_after.png'})")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; LoRA: {run_dir / 'checkpoints'}")
     return 0
+
+
+def _stopped(stop: GracefulStop, driver, run_dir: Path) -> int:
+    """After a stop signal, at the driver's safe point: the checkpoint, the resume command."""
+    if driver.policy_version == 0:
+        _say(f"stopped by {stop.name} before the first update: no checkpoint to go on from", sys.stdout)
+        return stop.exit_status
+    _say(f"{stop.name}: at a safe point after epoch {driver.policy_version - 1}; writing its checkpoint")
+    saved = driver.save_checkpoint()
+    _say(f"stopped by {stop.name}: checkpoint {saved}; go on with: ddpo train --resume {run_dir}", sys.stdout)
+    return stop.exit_status
 
 
 def sample(args) -> int:

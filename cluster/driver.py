@@ -30,7 +30,7 @@ from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
 from cluster.remote_policy import LearnerActor, SamplerActor
 from cluster.reward_pool import RewardPool
-from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint, with_rewards
+from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint, resume_checkpoint, with_rewards
 from ddpo.config import Config
 from ddpo.plan import SampleBatchSpec, epoch_plan, eval_plan, fresh_batches
 from ddpo.trajectory import EpochTrajectories
@@ -38,6 +38,8 @@ from ddpo.trajectory import EpochTrajectories
 
 # how long a live learner rank may take to answer whether it is alive
 LIVENESS_TIMEOUT_S = 30.0
+# how often the wait for an epoch's samples looks whether a stop was asked for
+STOP_POLL_S = 0.25
 
 
 class ActorLost(RuntimeError):
@@ -87,7 +89,7 @@ def get_all(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> list:
 
 
 class Driver:
-    def __init__(self, config: Config, run_dir: Path):
+    def __init__(self, config: Config, run_dir: Path, stop_requested: threading.Event | None = None):
         config = resolve_layout(config, ray.cluster_resources())
         self.config = config
         self.run_dir = run_dir
@@ -99,8 +101,9 @@ class Driver:
         self.metrics = DriverMetrics()
         self.grafana_dashboard = self._install_grafana_dashboard()
         self.recorder = RunRecorder(run_dir)
-        # set on Ctrl-C (by `ddpo train`): fit() returns after the epoch under way
-        self.stop_requested = threading.Event()
+        # set by a stop signal (`ddpo train`: Ctrl-C, SIGTERM, SIGHUP): fit() returns at the next
+        # safe point (see fit), and the caller writes the checkpoint
+        self.stop_requested = stop_requested or threading.Event()
         self.learners, self.samplers, self.reward_actors = [], [], []
         try:
             self.reward_actors = [self._start(RewardActor, f"reward-{i}", config.reward, restartable=True)
@@ -119,6 +122,8 @@ class Driver:
         self.in_flight: deque[list[SampleTask]] = deque()  # sampling submitted, an epoch per entry
         self.next_epoch = 0  # the first epoch whose sampling is not submitted yet
         self.epoch_start = time.perf_counter()
+        self.last_checkpoint_at = time.monotonic()  # for `checkpoint_every_s`
+        self.completed = False  # fit() trained the last epoch
 
     @staticmethod
     def _install_grafana_dashboard() -> Path | None:
@@ -177,6 +182,12 @@ class Driver:
 
     def shutdown(self) -> None:
         self.recorder.close()
+        # the tasks still in flight (a stop signal came while an epoch was sampled) cancelled
+        # first: the kills below would have Ray print, for each, that it will be retried
+        pool = getattr(self, "reward_pool", None)
+        for ref in [task.trajectory_ref for tasks in getattr(self, "in_flight", ()) for task in tasks] + \
+                list(pool.running if pool else ()):
+            ray.cancel(ref)
         if len(self.learners) > 1:  # the group's rendezvous file goes too (a dead rank: no wait)
             ray.wait([learner.leave_group.remote() for learner in self.learners],
                      num_returns=len(self.learners), timeout=5)
@@ -197,7 +208,7 @@ class Driver:
 
     def resume_hint(self) -> str:
         """Where the run can go on from."""
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = resume_checkpoint(self.run_dir)
         return (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
                 else "no checkpoint was written yet (see checkpoint_every)")
 
@@ -225,22 +236,24 @@ class Driver:
             tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
         return tasks
 
-    def collect(self, tasks: list[SampleTask], progress: tqdm) -> tuple[dict, float, float]:
+    def collect(self, tasks: list[SampleTask], progress: tqdm) -> tuple[dict, float, float] | None:
         """Wait for an epoch's sample batches, queueing each for the reward pool as soon as it is
         made. Returns ({batch_id: (rewards, info)}, when the last batch was sampled, when the
-        last was scored), as `time.perf_counter()` readings."""
+        last was scored), as `time.perf_counter()` readings; None once a stop is asked for."""
         start = time.perf_counter()
         waiting = {task.summary_ref: len(task.spec.prompts) for task in tasks}
         scored: dict[str, tuple[np.ndarray, dict]] = {}
         sampled_at = start
         while len(scored) < len(tasks):
+            if self.stop_requested.is_set():
+                return None
             if waiting:
                 ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
                 for ref in ready:
                     self.reward_pool.submit(ref, waiting.pop(ref))
                 if not waiting:
                     sampled_at = time.perf_counter()
-            for batch_id, rewards, info in self.reward_pool.poll(wake_on=list(waiting)):
+            for batch_id, rewards, info in self.reward_pool.poll(wake_on=list(waiting), max_wait_s=STOP_POLL_S):
                 if batch_id not in scored:  # a batch id counts once
                     scored[batch_id] = (rewards, info)
                     progress.update(len(rewards))
@@ -277,11 +290,20 @@ class Driver:
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes it: every rank holds the same state."""
         try:
-            return ray.get(self.learners[0].save_checkpoint.remote(self.run_dir / "checkpoints"))
+            saved = ray.get(self.learners[0].save_checkpoint.remote(self.run_dir / "checkpoints"))
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, OSError):
                 raise self.write_failed("the checkpoint", err.cause) from None
             raise
+        self.last_checkpoint_at = time.monotonic()
+        return saved
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """`checkpoint_every` epochs, the last epoch, or `checkpoint_every_s` seconds since the
+        last checkpoint."""
+        every_s = self.config.checkpoint_every_s
+        return (is_checkpoint_epoch(self.config, epoch)
+                or (every_s > 0 and time.monotonic() - self.last_checkpoint_at >= every_s))
 
     def busy_fractions(self, seconds: float) -> dict[str, float]:
         """Each role's busy fraction since the last call, over `seconds` of wall time: the
@@ -298,10 +320,16 @@ class Driver:
         return {role: busy[role] / (counts[role] * seconds) for role in ROLES}
 
     def fit(self, start_epoch: int = 0) -> list[dict]:
+        """Train from `start_epoch` to the end; returns the epochs' metrics. When a stop is asked
+        for (`stop_requested`), it returns at the next safe point, where the learner's state
+        and the run's record agree: at once while an epoch is sampled and scored (that epoch is
+        dropped: a resume samples it again, the same batch ids and seeds), else after the
+        update under way and its epoch's record. The checkpoint is the caller's to write."""
         config = self.config
         max_lag = config.cluster.max_policy_lag
+        self.last_checkpoint_at, self.completed = time.monotonic(), False
         self.broadcast()
-        if start_epoch == 0 and config.eval_images:
+        if start_epoch == 0 and config.eval_images and not self.stop_requested.is_set():
             self.evaluate("before")
         self.in_flight.clear()
         self.next_epoch = start_epoch
@@ -310,22 +338,25 @@ class Driver:
         self.epoch_start = time.perf_counter()
         epoch = start_epoch
         with tqdm(desc="epochs", unit="epoch", initial=start_epoch, total=config.num_epochs) as epochs:
-            while epoch < config.num_epochs:
+            while epoch < config.num_epochs and not self.stop_requested.is_set():
                 try:
                     metrics = self.run_epoch(epoch)
                 except ray.exceptions.RayError as err:
+                    if self.stop_requested.is_set():  # stopping: no learner group restarted now
+                        raise
                     epoch = self.recover_learners(err)  # re-raises what a learner's loss does not explain
                     history = [m for m in history if m["epoch"] < epoch]
                     epochs.n = epoch
                     epochs.refresh()
                     continue
+                if metrics is None:  # stopped before the epoch's update
+                    return history
                 epochs.update()
                 epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
                 history.append(metrics)
                 epoch += 1
-                if self.stop_requested.is_set():
-                    return history
-        if config.eval_images:
+        self.completed = epoch >= config.num_epochs
+        if config.eval_images and not self.stop_requested.is_set():
             self.evaluate("after")
         return history
 
@@ -335,15 +366,18 @@ class Driver:
             self.in_flight.append(self.submit_sampling(self.next_epoch))
             self.next_epoch += 1
 
-    def run_epoch(self, epoch: int) -> dict:
+    def run_epoch(self, epoch: int) -> dict | None:
         """Collect the epoch's samples and rewards, train, put the new weights, record; returns
-        the epoch's metrics."""
+        the epoch's metrics (None: a stop was asked for before its update)."""
         config = self.config
         max_lag = config.cluster.max_policy_lag
         tasks = self.in_flight[0]
         with tqdm(total=config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
                   unit="img", leave=False) as progress:
-            scored, sampled_at, scored_at = self.collect(tasks, progress)
+            collected = self.collect(tasks, progress)
+        if collected is None:
+            return None
+        scored, sampled_at, scored_at = collected
         summaries = ray.get([task.summary_ref for task in tasks])
 
         # drop batches made with weights more than max_lag versions old
@@ -362,13 +396,13 @@ class Driver:
         started, self.epoch_start = self.epoch_start, now
         time_broadcast, time_epoch = now - broadcast_start, now - started
         # the next epoch's sampling needs only the weights just put: it runs while this
-        # epoch is recorded (none after a Ctrl-C: this epoch is the last)
+        # epoch is recorded (none after a stop signal: this epoch is the last)
         if not self.stop_requested.is_set():
             self.sample_up_to(epoch + 1 + max_lag)
         busy = self.busy_fractions(time_epoch)
 
         # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
-        if is_checkpoint_epoch(config, epoch):
+        if self.checkpoint_due(epoch):
             self.save_checkpoint()
         trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
         try:

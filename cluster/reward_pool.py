@@ -81,16 +81,19 @@ class RewardPool:
                 raise error
         self.queue.extendleft(reversed(call.items))
 
-    def poll(self, wake_on: list[ray.ObjectRef] = ()) -> list[tuple]:
+    def poll(self, wake_on: list[ray.ObjectRef] = (), max_wait_s: float | None = None) -> list[tuple]:
         """Start calls for waiting batches, then block until a call finishes, one of `wake_on`
-        (say, a sample batch being made) is ready, or the nearest call deadline passes; return
-        the scored batches `(batch_id, rewards, info)` of the calls that finished."""
+        (say, a sample batch being made) is ready, the nearest call deadline passes, or
+        `max_wait_s` has gone by; return the scored batches `(batch_id, rewards, info)` of the
+        calls that finished."""
         self._dispatch()
         refs = [*self.running, *self.abandoned]
         if not refs and not wake_on:
             return []
         deadline = min((call.started + self.timeout_s for call in self.running.values()), default=None)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if max_wait_s is not None:
+            timeout = max_wait_s if timeout is None else min(timeout, max_wait_s)
         ready, _ = ray.wait([*refs, *wake_on], num_returns=1, timeout=timeout)
         ready = [ref for ref in ready if ref in self.running or ref in self.abandoned]
         scored = []

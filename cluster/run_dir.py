@@ -38,11 +38,40 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to go on from: the latest one whose epoch the run's record (metrics.jsonl)
+    holds. A checkpoint is written just before its epoch's record; a run killed in between
+    (SIGKILL, an OOM, a stop at once) leaves it ahead of the record, and going on from it would
+    leave that epoch out of the record for good: the one before is taken, the epoch redone.
+    With no record to go by, the latest."""
+    found = sorted(path.parent for path in (run_dir / "checkpoints").glob("epoch_*/learner_state.json"))
+    recorded = {m["epoch"] for m in read_metrics(run_dir)}
+    caught_up = [path for path in found if int(path.name.removeprefix("epoch_")) in recorded]
+    return (caught_up or found or [None])[-1]
+
+
+def _metrics_lines(run_dir: Path) -> list[str]:
+    """metrics.jsonl's lines, but a last one cut short (its writer ended, or was killed, while
+    writing it)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    try:
+        json.loads(lines[-1] if lines else "{}")
+    except ValueError:
+        lines.pop()
+    return lines
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in _metrics_lines(run_dir)]
+
+
 def truncate_metrics(run_dir: Path, num_epochs: int) -> None:
-    """Keep the metrics of the first `num_epochs` epochs: a resumed run redoes the rest."""
+    """Keep the metrics of the first `num_epochs` epochs: a resumed run redoes the rest (a
+    last line cut short goes too)."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < num_epochs]
+        lines = [line for line in _metrics_lines(run_dir) if json.loads(line)["epoch"] < num_epochs]
         path.write_text("".join(line + "\n" for line in lines))
 
 

@@ -13,7 +13,7 @@ It needs Debian's `chromium` and the `websockets` package (in the venv `make tes
    (what the dashboard's login dialog does through /api/authenticate), opens `#/actors` and
    waits for the actors' names, and saves the page (`dashboard_actors.png`);
 3. once `--epochs` epochs are in the run's metrics.jsonl, stops the run with SIGINT (it stops
-   after the epoch under way) and waits for it;
+   at its next safe point, with a checkpoint) and waits for it;
 4. serves TensorBoard for the run's events (as `ddpo train --tensorboard` does, but with every
    epoch there when the page loads: the chart sets its y range at its first drawing), opens its
    time series filtered to `reward_mean`, unsmoothed, waits for the chart, makes it full width
@@ -93,7 +93,7 @@ class TrainRun:
         return None
 
     def stop(self, timeout: float = 300):
-        """SIGINT: the run stops after the epoch under way and saves its checkpoint."""
+        """SIGINT: the run stops at its next safe point and saves its checkpoint."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:

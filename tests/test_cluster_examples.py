@@ -1,10 +1,16 @@
 """The example cluster files name the right entrypoint and offer what the config asks for."""
 
+import math
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
+from cluster.cli import STOP_MARGIN_S, job_stop_wait_note
 from cluster.placement import Devices, resolve_layout
 from ddpo.config import load_config
 
@@ -83,3 +89,70 @@ def test_kuberay_head_points_the_dashboard_at_prometheus_and_grafana():
         assert re.fullmatch(r"http://[a-z0-9.-]+:\d+", env.get(name, "")), f"{name} in the head's env: {env}"
     assert env["RAY_PROMETHEUS_HOST"].endswith(".svc:9090")  # in-cluster services, as in KubeRay's docs
     assert ".svc:" in env["RAY_GRAFANA_HOST"]
+
+
+def _pods(job: dict) -> dict[str, dict]:
+    cluster = job["spec"]["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"],
+            **{g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]}}
+
+
+def _pre_stop(pod: dict) -> str:
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"]
+    return command[2]
+
+
+def test_kuberay_pods_give_a_stop_the_grace_of_the_config(monkeypatch):
+    """cluster.stop_grace_s of the entrypoint's config (its --config and --set) is the driver's
+    time from SIGTERM to its checkpoint. Each pod's terminationGracePeriodSeconds leaves it that
+    and more; the preStop hooks wait for it (the head's: the driver it sends SIGTERM to; a
+    worker's: its learner rank, which writes the checkpoint), as does `ray job stop`
+    (RAY_JOB_STOP_WAIT_TIME_S in the head's environment, which its jobs inherit)."""
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob_sd15_aesthetic.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+    grace = load_config(ROOT / argv[argv.index("--config") + 1], overrides).cluster.stop_grace_s
+    wait = math.ceil(grace) + STOP_MARGIN_S  # what the driver may take, its exit included
+    pods = _pods(job)
+    for name, pod in pods.items():
+        assert pod["terminationGracePeriodSeconds"] >= wait, name
+        assert f"for i in $(seq {wait}); do" in _pre_stop(pod), name
+    head = {var["name"]: var["value"] for var in pods["head"]["containers"][0]["env"]}
+    assert int(head["RAY_JOB_STOP_WAIT_TIME_S"]) >= wait
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as in a job's driver
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", head["RAY_JOB_STOP_WAIT_TIME_S"])
+    assert job_stop_wait_note(grace) is None  # nothing to warn about
+
+
+def test_kuberay_pre_stop_hooks_signal_the_driver_and_wait_for_the_learner(tmp_path):
+    """The hooks run here, each on a stand-in process with a name of its own (never a real
+    `ddpo train` or learner of this machine): the head's sends SIGTERM to the driver and ends
+    when the driver has; a worker's ends once no learner rank runs."""
+    pods = _pods(yaml.safe_load((ROOT / "cluster" / "rayjob_sd15_aesthetic.yaml").read_text()))
+    marker = f"stand-in-{os.getpid()}"
+    head_hook = _pre_stop(pods["head"]).replace("d=ddpo", f"d={marker}")
+    worker_hook = _pre_stop(pods["gpu-8x"]).replace('"ray::LearnerActor"', f'"{marker}-learner"')
+    assert head_hook != _pre_stop(pods["head"]) and worker_hook != _pre_stop(pods["gpu-8x"])
+
+    # a driver that exits 143 on SIGTERM, its command line holding `<marker> train`
+    driver = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                               "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\nprint(flush=True)\n"
+                               "time.sleep(60)", marker, "train"], stdout=subprocess.PIPE)
+    try:
+        driver.stdout.readline()  # its handler is in place
+        subprocess.run(["/bin/sh", "-c", head_hook], timeout=30, check=True)
+        assert driver.poll() == 143
+    finally:
+        driver.kill()
+        driver.wait()
+
+    learner = subprocess.Popen(["/bin/bash", "-c", f"exec -a {marker}-learner sleep 60"])
+    try:
+        hook = subprocess.Popen(["/bin/sh", "-c", worker_hook])
+        learner.kill()
+        learner.wait()
+        assert hook.wait(timeout=30) == 0
+    finally:
+        learner.kill()
+        learner.wait()

@@ -43,6 +43,9 @@ def test_yaml_file_then_set(tmp_path):
     (["reward.timeout_s=0"], "reward.timeout_s: must be > 0"),
     (["reward.max_batch_images=0"], "reward.max_batch_images: must be >= 1"),
     (["eval_images=-1"], "eval_images: must be >= 0"),
+    (["checkpoint_every_s=-1"], "checkpoint_every_s: must be >= 0 (0 = no checkpoints by time)"),
+    (["checkpoint_every_s=.inf"], "checkpoint_every_s: expected a finite number"),
+    (["cluster.stop_grace_s=0"], "cluster.stop_grace_s: must be > 0"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:

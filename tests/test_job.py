@@ -1,6 +1,7 @@
 """`ray job submit` to a real head started with `ray start --head` (token auth on): a job whose
-driver dies goes on as a new job with `--resume`, and a second node that dies has its actors'
-bundles moved to the head."""
+driver dies goes on as a new job with `--resume`, a second node that dies has its actors'
+bundles moved to the head, and a job stopped with `ray job stop` checkpoints and goes on as a new
+job to the same result."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cluster.run_dir import latest_checkpoint
 from tests.conftest import SMALL_DIGITS, SMALL_DIGITS_EPOCHS, assert_the_same_run, free_port, kill_leftovers, run_metrics
 
 BIN = Path(sys.executable).parent
@@ -213,6 +215,44 @@ def test_a_job_whose_driver_dies_resumes_as_a_new_job_and_survives_a_lost_node(r
         assert_the_same_run(run_dir, uninterrupted_digits)
     finally:
         _stop_session(node_b.pid)
+
+
+def test_ray_job_stop_checkpoints_and_the_job_resubmitted_with_resume_ends_the_same(ray_head, tmp_path,
+                                                                                    uninterrupted_digits):
+    """`ray job stop` sends the job's driver SIGTERM, and SIGKILL RAY_JOB_STOP_WAIT_TIME_S later
+    (given in the job's runtime env, as the job's first line advises when it is too short): the
+    driver stops at its next safe point with a checkpoint and the resume command, and the job
+    ends STOPPED. `ray job submit ... -- ddpo train --resume RUN_DIR` goes on from there to the
+    uninterrupted run's result, bit for bit."""
+    address, env, _ = ray_head
+    run_dir = tmp_path / "runs" / "stopped"
+    deadline = time.monotonic() + 300
+    wait = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    _submit(address, env, "ddpo-stopped", *_train(tmp_path / "runs", "stopped"), options=["--runtime-env-json", wait])
+    _wait_for("first epoch", lambda: len(run_metrics(run_dir)) >= 1 or _ended(address, "ddpo-stopped"), deadline)
+    # what `ray job stop` asks of the job server (the command itself takes seconds to start,
+    # and the small run is over in a few)
+    _api(address, "/api/jobs/ddpo-stopped/stop", method="POST")
+    _wait_for("stopped job", lambda: _ended(address, "ddpo-stopped"), deadline)
+    logs = _logs(address, "ddpo-stopped")
+    assert _status(address, "ddpo-stopped") == "STOPPED", logs[-3000:]
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.name < f"epoch_{SMALL_DIGITS_EPOCHS - 1:04d}", logs[-3000:]
+    assert "\nSIGTERM: stopping at the next safe point, with a checkpoint" in logs
+    assert f"\nstopped by SIGTERM: checkpoint {checkpoint}; go on with: ddpo train --resume {run_dir}\n" in logs
+    assert "note: `ray job stop`" not in logs
+    for sign in ("logging.cc", "SIGTERM received", "Traceback"):
+        assert sign not in logs, logs[-3000:]
+
+    _submit(address, env, "ddpo-stopped-resumed", "ddpo", "train", "--resume", str(run_dir))
+    _wait_for("end of the resumed job", lambda: _ended(address, "ddpo-stopped-resumed"), deadline)
+    logs = _logs(address, "ddpo-stopped-resumed")
+    assert _status(address, "ddpo-stopped-resumed") == "SUCCEEDED", logs[-3000:]
+    assert f"resuming from {checkpoint} at epoch {int(checkpoint.name[6:]) + 1}" in logs
+    assert ("\nnote: `ray job stop` kills this job 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), within "
+            "cluster.stop_grace_s = 25 s: a stop may not reach its checkpoint; submit with --runtime-env-json "
+            """'{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}}'\n""") in logs
+    assert_the_same_run(run_dir, uninterrupted_digits)
 
 
 def test_the_job_server_refuses_requests_without_the_token(ray_head):
