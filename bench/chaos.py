@@ -50,7 +50,7 @@ from safetensors.torch import load_file  # noqa: E402
 from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
 from cluster.local import start_local_ray  # noqa: E402
-from cluster.run_dir import latest_checkpoint, make_run_dir  # noqa: E402
+from cluster.run_dir import latest_checkpoint, make_run_dir, read_metrics  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 
 ROLES = ("sampler", "reward", "learner")
@@ -207,7 +207,7 @@ def main() -> None:
         undisturbed = run(config("undisturbed"))
         chaos = run(config("chaos"), functools.partial(kill_randomly, num_kills=args.kills,
                                                        interval_s=args.interval_s, rng=random.Random(args.seed)))
-        metrics = [json.loads(line) for line in (chaos["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(chaos["run_dir"])
         final = [latest_checkpoint(r["run_dir"]) for r in (undisturbed, chaos)]
         equal = (None not in final and final[0].name == final[1].name
                  and lora_equal(final[0] / LORA_FILE, final[1] / LORA_FILE))

@@ -145,7 +145,7 @@ def write_curves(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = read_metrics(run_dir)
     epochs = [m["epoch"] for m in history]
     mean = np.array([m["reward_mean"] for m in history])
     std = np.array([m["reward_std"] for m in history])

@@ -187,10 +187,9 @@ def uninterrupted_digits(tmp_path_factory):
 
 
 def run_metrics(run_dir: Path) -> list[dict]:
-    import json
+    from cluster.run_dir import read_metrics
 
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(run_dir)
 
 
 def assert_the_same_run(run_dir: Path, reference: Path) -> None:

@@ -20,6 +20,7 @@ from cluster.driver import Driver
 from cluster.run_dir import make_run_dir
 from ddpo.trajectory import EpochTrajectories, read_parquet
 from learner import Learner
+from learner.learner import _num_train_steps
 from tests.conftest import fit_until_an_actor_dies, one_torch_thread, run_metrics, tiny_config
 
 EPOCHS = 3
@@ -40,12 +41,19 @@ SETTINGS = {"num_epochs": EPOCHS, "checkpoint_every": 1, "save_latents": True, "
 RHO = 1e-4
 
 
+def _steps_trained(config) -> int:
+    return _num_train_steps(config.train, config.sample.num_steps)
+
+
+def _terms_per_gradient(config) -> int:
+    """The (sample, step) terms one optimizer step's gradient sums."""
+    return config.train.batch_size * _steps_trained(config) * config.train.gradient_accumulation_steps
+
+
 def assert_the_same_update(metrics: dict, reference: dict, config, label) -> None:
     """One update's diagnostics, computed two ways from the same state and batches."""
     t = config.train
-    steps_trained = max(1, int(config.sample.num_steps * t.timestep_fraction))
-    num_terms = metrics["num_samples"] * steps_trained * t.num_inner_epochs  # (sample, step) terms
-    terms_per_gradient = t.batch_size * steps_trained * t.gradient_accumulation_steps
+    num_terms = metrics["num_samples"] * _steps_trained(config) * t.num_inner_epochs  # (sample, step) terms
     assert metrics["num_samples"] == reference["num_samples"], label
     assert metrics["policy_version"] == reference["policy_version"], label
     # at lag 0 the stored log-probs are the proximal policy's: every weight is exactly 1
@@ -62,7 +70,7 @@ def assert_the_same_update(metrics: dict, reference: dict, config, label) -> Non
     # an optimizer step's gradient sums its terms, each within RHO of its size: within
     # terms * RHO of the largest term, which the sum is taken to be no smaller than. A gradient
     # scaled by the rank's share the wrong way is 1/k off: tens of percent.
-    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=terms_per_gradient * RHO), label
+    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=_terms_per_gradient(config) * RHO), label
 
 
 def weight_atol(metrics: dict, config) -> float:
@@ -71,10 +79,8 @@ def weight_atol(metrics: dict, config) -> float:
     most 1 / eps; m and sqrt(v) are averages of the gradients, each element off by at most the
     gradient's error, terms_per_gradient * RHO * its norm. Summed over the optimizer steps."""
     t = config.train
-    steps_trained = max(1, int(config.sample.num_steps * t.timestep_fraction))
-    terms_per_gradient = t.batch_size * steps_trained * t.gradient_accumulation_steps
     num_steps = t.num_inner_epochs * math.ceil(metrics["num_samples"] / (t.batch_size * t.gradient_accumulation_steps))
-    return num_steps * 2 * t.learning_rate / t.adam_epsilon * terms_per_gradient * RHO * metrics["grad_norm"]
+    return num_steps * 2 * t.learning_rate / t.adam_epsilon * _terms_per_gradient(config) * RHO * metrics["grad_norm"]
 
 
 def _config(tmp_path, name, num_learners, **extra):
