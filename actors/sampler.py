@@ -12,6 +12,7 @@ from ddpo.config import Config
 from ddpo.diffusion import sample_trajectories
 from ddpo.lora import LoraState, get_lora_state, load_lora_state
 from ddpo.pipeline import load_policy
+from ddpo.plan import sde_steps
 from ddpo.trajectory import LATENTS, to_record_batch
 
 
@@ -31,11 +32,14 @@ class Sampler:
     def weights(self) -> tuple[int, LoraState]:
         return self.policy_version, get_lora_state(self.model.denoiser)
 
-    def sample(self, batch_id: str, prompts: list[str], seeds: list[int]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-        """One sample batch: (the full trajectories, the same rows without latents). The reward
-        pool and the driver only need the second; the learner needs the first."""
+    def sample(self, batch_id: str, prompts: list[str], seeds: list[int],
+               sde_start: int = 0) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        """One sample batch (its SDE window, if any, from step `sde_start`): (the full
+        trajectories, the same rows without latents). The reward pool and the driver only need the
+        second; the learner needs the first."""
         if self.policy_version < 0:
             raise RuntimeError("sampler has no policy weights yet: call set_weights first")
-        trajectories = sample_trajectories(self.model, prompts, seeds, self.config.sample)
+        trajectories = sample_trajectories(self.model, prompts, seeds, self.config.sample,
+                                           sde_steps(self.config, sde_start))
         batch = to_record_batch(trajectories, batch_id, self.policy_version)
         return batch, batch.drop_columns([LATENTS])

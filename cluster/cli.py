@@ -181,13 +181,14 @@ def _prepare(args) -> tuple:
         config.cluster.address = args.address
     address, source = ray_address(config.cluster.address, "--address" if args.address else "cluster.address")
     config.load_prompts()
-    from ddpo.pipeline import check_pretrained  # torch and diffusers: seconds to import
+    from ddpo.pipeline import check_family_settings, check_pretrained  # torch and diffusers: seconds to import
 
     if address is None:  # a local instance: the model runs on this machine
         check_device_here(config.model.device, "model.device", "use cpu or auto, or --address a cluster with GPUs")
     check_rewards(config.reward)
     # Ray's workers (and a job's driver) may start in another directory: absolute paths
     config.model.pretrained = check_pretrained(config.model.pretrained, config.model.revision)
+    check_family_settings(config)
     config.output_dir = str(Path(config.output_dir).resolve())
     _check_writable(args.resume or config.output_dir, "--resume" if args.resume else "output_dir")
     return config, address, source

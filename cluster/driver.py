@@ -231,7 +231,7 @@ class Driver:
         for i, spec in enumerate(epoch_plan(self.config, self.prompts, epoch)):
             sampler = self.samplers[i % len(self.samplers)]
             trajectory_ref, summary_ref = sampler.sample.options(num_returns=2).remote(
-                spec.batch_id, spec.prompts, spec.seeds, *self.weights
+                spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights
             )
             tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
         return tasks
@@ -264,7 +264,7 @@ class Driver:
         """Sample and score the fixed eval batch with the current weights, and record it."""
         spec = eval_plan(self.config, self.prompts)
         _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
-            spec.batch_id, spec.prompts, spec.seeds, *self.weights)
+            spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights)
         ((_, rewards, info),) = ray.get(self.reward_actors[0].score.remote(summary_ref))
         table = with_rewards(pa.Table.from_batches([ray.get(summary_ref)]), rewards, info)
         self.recorder.record_eval(when, self.policy_version, table)

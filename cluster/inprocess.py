@@ -37,7 +37,7 @@ class InProcessRun:
         history = []
         for epoch in range(config.num_epochs):
             start = time.perf_counter()
-            batches = [sampler.sample(spec.batch_id, spec.prompts, spec.seeds)
+            batches = [sampler.sample(spec.batch_id, spec.prompts, spec.seeds, spec.sde_start)
                        for spec in epoch_plan(config, self.prompts, epoch)]
             sampled = time.perf_counter()
             scored = [scored[1:] for scored in self.reward.score(*[summary for _, summary in batches])]

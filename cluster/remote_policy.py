@@ -24,12 +24,12 @@ class SamplerActor(Sampler):
         super().__init__(config)
         self.metrics = actor_metrics("sampler")
 
-    def sample(self, batch_id, prompts, seeds, policy_version: int, weights_ref: list[ray.ObjectRef]):
+    def sample(self, batch_id, prompts, seeds, sde_start: int, policy_version: int, weights_ref: list[ray.ObjectRef]):
         """Sample with the given weights version, loading it in place first if it is new."""
         with self.metrics.working():
             if policy_version != self.policy_version:
                 self.set_weights(ray.get(weights_ref[0]))
-            return super().sample(batch_id, prompts, seeds)
+            return super().sample(batch_id, prompts, seeds, sde_start)
 
 
 @keep_init_error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from PIL import Image, ImageDraw
 
 from ddpo.config import Config, save_config
 from ddpo.trajectory import images_of, read_parquet, write_parquet
+
+# the rollout/train log-prob mismatch (max |ratio - 1|) above which a run warns: ten times the
+# design's 1e-4 log-prob contract
+MISMATCH_WARN = 1e-3
 
 
 def make_run_dir(config: Config) -> Path:
@@ -187,6 +192,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.curves_stale = False
+        self.mismatch_warned = False
 
     def restart_at(self, epoch: int) -> None:
         """Go on from `epoch` (a resume, a restarted learner group): the metrics of later epochs
@@ -228,6 +234,7 @@ class RunRecorder:
             **{k: v for k, v in learner_metrics.items() if k not in ("approx_kl", "clipfrac", "loss")},
         }
         append_metrics(run_dir, metrics)
+        self.warn_on_mismatch(epoch, metrics.get("logprob_mismatch_max"))
         self.curves_stale = (epoch + 1) % self.CURVES_EVERY != 0
         if not self.curves_stale:
             write_curves(run_dir)
@@ -237,6 +244,18 @@ class RunRecorder:
         self.tensorboard.add_image("samples", np.asarray(grid), epoch, dataformats="HWC")
         self.tensorboard.flush()
         return metrics
+
+    def warn_on_mismatch(self, epoch: int, mismatch: float | None) -> None:
+        """One warning line the first epoch the learner's recomputed log-probs disagree with the
+        samplers' by more than MISMATCH_WARN (max |ratio - 1| before any update): the ratio then
+        measures the two processes' numerics, not the policy's change."""
+        if mismatch is None or not mismatch > MISMATCH_WARN or self.mismatch_warned:
+            return
+        self.mismatch_warned = True
+        print(f"warning: epoch {epoch}: the learner's log-probs of the sampled steps differ from the samplers' "
+              f"(max |ratio - 1| = {mismatch:.1e} > {MISMATCH_WARN:g} before any update, logprob_mismatch_max); "
+              "likely causes: model.dtype float16/bfloat16 (try float32 for the LoRA forward), train.cfg differing "
+              "from sampling, or another attention backend on the learner's device", file=sys.stderr, flush=True)
 
     def record_eval(self, when: str, policy_version: int, table: pa.Table) -> None:
         """The fixed eval batch (`ddpo.plan.eval_plan`) `before` training or `after` it:

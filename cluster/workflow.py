@@ -24,7 +24,7 @@ import yaml
 from cluster.cli import UsageError, check_device_here
 from cluster.run_dir import latest_checkpoint, sample_grid
 from ddpo.config import Config, check_device, load_config
-from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_TINY
+from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, BUILTIN_TINY
 from rewards import check_rewards
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -164,6 +164,7 @@ def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int,
     from tqdm.auto import tqdm
 
     from ddpo.diffusion import sample_trajectories
+    from ddpo.plan import sde_steps
     from ddpo.trajectory import LATENTS, to_record_batch
 
     size = batch_size or config.sample.batch_size
@@ -171,7 +172,7 @@ def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int,
     for k, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         padded = batch + [batch[-1]] * (size - len(batch))
         trajectories = sample_trajectories(model, [p for p, _ in padded], [sample_seed(seed, i) for _, i in padded],
-                                           config.sample)
+                                           config.sample, sde_steps(config, config.sample.sde_window_range[0]))
         trajectories = _first(trajectories, len(batch))
         yield batch, trajectories, to_record_batch(trajectories, f"sample-{k}", policy_version).drop_columns([LATENTS])
 
@@ -181,7 +182,8 @@ def _first(trajectories, n: int):
     from dataclasses import replace
 
     t = trajectories
-    return replace(t, prompts=t.prompts[:n], seeds=t.seeds[:n], latents=t.latents[:n], log_probs=t.log_probs[:n],
+    return replace(t, prompts=t.prompts[:n], seeds=t.seeds[:n], latents=t.latents[:n],
+                   log_probs=None if t.log_probs is None else t.log_probs[:n],
                    timesteps=t.timesteps[:n], images=t.images[:n])
 
 
@@ -193,7 +195,8 @@ def load_model(config: Config, checkpoint: Path | None):
 
     if checkpoint is None:
         m = config.model
-        return load_pipeline(m.pretrained, m.revision, m.device, m.dtype, seed=config.seed)
+        return load_pipeline(m.pretrained, m.revision, m.device, m.dtype, seed=config.seed,
+                             max_sequence_length=m.max_sequence_length)
     model = load_policy(config)
     try:
         load_lora_state(model.denoiser, model.read_lora(checkpoint))
@@ -427,12 +430,28 @@ def _is_hub_id(pretrained: str) -> bool:
                 or pretrained.count("/") > 1)
 
 
+def _describe_sampler(config: Config) -> str:
+    """The run's sampler in words: DDPO's or Flow-GRPO's stochastic steps, an SDE window in the
+    flow ODE (Flow-GRPO-Fast, MixGRPO, CPS), or the plain ODE (DiffusionNFT)."""
+    s = config.sample
+    head, size = f"{s.num_steps} steps, guidance scale {s.guidance_scale:g}", f"{s.height}x{s.width}"
+    if config.train.algorithm == "diffusion_nft":
+        return f"{head}, the deterministic flow ODE (Euler), {size}"
+    if s.sde_window:
+        first, end = s.sde_window_range
+        where = ("its first step drawn per sample batch" if s.sde_window_schedule == "random" else
+                 f"sliding by {s.sde_window_shift} every {s.sde_window_interval} epochs from the first")
+        return (f"{head}, the flow ODE (Euler) but for a window of {s.sde_window} stochastic `{s.sde_type}` steps "
+                f"(noise level {s.noise_level:g}) within steps [{first}, {end}), {where}, {size}")
+    return f"{head}, eta {s.eta:g} (flow noise level {s.noise_level:g}), {size}"
+
+
 def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, evals: dict | None,
                merged: bool, out: Path, pipeline_class: str, absent: list[str], is_latest: bool = True,
                dtype: str = "float32") -> str:
     """The README.md of an exported folder: Hugging Face model-card front matter, what was
     trained on what, the eval figures, how to load it, and the run's config."""
-    m, t, s = config.model, config.train, config.sample
+    m, t = config.model, config.train
     terms = config.reward.terms()
     front = {"library_name": "diffusers"}
     if _is_hub_id(m.pretrained):
@@ -460,8 +479,7 @@ def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, e
         + (f", KL to the base `{t.kl_coef:g}`" if t.kl_coef else ""),
         f"- **Epochs trained**: {epochs} ({config.samples_per_epoch} samples an epoch)"
         + ("" if is_latest else "; not the run's latest checkpoint"),
-        f"- **Sampler of the run**: {s.num_steps} steps, guidance scale {s.guidance_scale:g}, eta {s.eta:g}"
-        f" (flow noise level {s.noise_level:g}), {s.height}x{s.width}", "",
+        f"- **Sampler of the run**: {_describe_sampler(config)}", "",
     ]
     if evals:
         keys = [k for k in evals.get("after", {}) if k in evals.get("before", {})]
@@ -490,6 +508,9 @@ def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, e
         code = [f"from diffusers import {pipeline_class}", ""] + code
     if not merged:
         code += [f'pipe.load_lora_weights("{here}")']
+    tokens = m.max_sequence_length or BUILTIN_MAX_SEQUENCE_LENGTH.get(m.pretrained)
+    if tokens is not None:  # the pipeline's default length would pad the prompts otherwise than in training
+        code += [f"# the run's prompts had {tokens} T5 tokens: pipe(prompt, max_sequence_length={tokens})"]
     lines += ["## How to load", "", "```python"] + (["import torch"] if load_dtype else []) + code
     lines += ["```", "", "## Config of the run", "", "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -34,6 +34,9 @@ class ModelConfig:
     # dtype of the frozen weights and of the stored latents (float16 on GPU, as the paper).
     # The LoRA weights always train in float32.
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # SD3 / FLUX: the T5 tokens of a prompt (zeros where the model has no T5). None = the
+    # pipeline's default (SD3 256, FLUX 512), or for a builtin model the length it was trained with
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -70,11 +73,33 @@ class SampleConfig:
     # log p(x_{t-1} | x_t, c) over the latent's elements: `mean` as the public implementation
     # (its hyperparameters assume it), or `sum` for the true Gaussian log density.
     log_prob_reduction: Literal["mean", "sum"] = "mean"
+    # flow-matching models: the stochastic step. `flow_grpo`: Flow-GRPO's SDE (noise_level is a in
+    # its std a*sqrt(sigma/(1-sigma))); `cps`: coefficients-preserving sampling (Wang & Yu 2025),
+    # std = sigma_next * sin(noise_level * pi / 2), no excess noise left in the image
+    sde_type: Literal["flow_grpo", "cps"] = "flow_grpo"
+    # flow-matching models: only `sde_window` consecutive steps are stochastic, stored and trained;
+    # the others are the deterministic flow ODE (Euler). 0 = every step stochastic (Flow-GRPO)
+    sde_window: int = 0
+    # where the window lies: `random` (Flow-GRPO-Fast), its first step drawn per sample batch
+    # from the epoch plan; `sliding` (MixGRPO), starting at the range's first step and moving
+    # `sde_window_shift` steps every `sde_window_interval` epochs
+    sde_window_schedule: Literal["random", "sliding"] = "random"
+    # the steps [first, end) the window stays within
+    sde_window_range: list[int] = field(default_factory=lambda: [0, 5])
+    sde_window_shift: int = 1
+    sde_window_interval: int = 10
+
+    @property
+    def stored_steps(self) -> int:
+        """The steps of a trajectory that are stochastic, stored and trained: the window's, or all."""
+        return self.sde_window or self.num_steps
 
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr"] = "ddpo_is"
+    # `diffusion_nft` (flow-matching models): DiffusionNFT (Zheng et al. 2025), trained on the
+    # forward process from the final images alone; the samplers run the plain flow ODE
+    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr", "diffusion_nft"] = "ddpo_is"
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -112,6 +137,17 @@ class TrainConfig:
     rwr_beta: float = 1.0
     rwr_sparse: bool = False
     rwr_top_fraction: float = 0.1
+    # DiffusionNFT: beta of the implicit policies v+ = (1 - beta) v_old + beta v_theta and
+    # v- = (1 + beta) v_old - beta v_theta (the paper's default 1)
+    nft_beta: float = 1.0
+    # DiffusionNFT: after each update the old policy (which samples) moves toward the trained one,
+    # v_old <- d v_old + (1 - d) v_theta, with d = min(nft_decay_rate * optimizer steps so far,
+    # nft_decay_max): on-policy at first, then ever smoother (the paper's decay_type 1)
+    nft_decay_rate: float = 0.001
+    nft_decay_max: float = 0.5
+    # DiffusionNFT: each squared error taken on the predicted x_0 and divided by its mean absolute
+    # value (the public code's adaptive weighting); false: the plain velocity errors
+    nft_adaptive_weight: bool = True
 
 
 @dataclass
@@ -447,6 +483,41 @@ def check_address(address: str, field: str) -> None:
            f"{field}: must be auto, ray://host:port or host:port, got {address!r}")
 
 
+def _validate_window(config: Config) -> None:
+    """The SDE window and the step type; which families take them is checked at load
+    (`ModelFamily.check_config`)."""
+    s, t = config.sample, config.train
+    _check(s.sde_window >= 0, "sample.sde_window: must be >= 0 (0 = every step stochastic)")
+    _check(len(s.sde_window_range) == 2, f"sample.sde_window_range: expected [first, end), got {s.sde_window_range}")
+    first, end = s.sde_window_range
+    # the range only places a window: without one (every step stochastic) it is not used, and the
+    # default [0, 5) must not refuse a schedule of fewer steps
+    _check(s.sde_window == 0 or 0 <= first < end <= s.num_steps,
+           f"sample.sde_window_range: must satisfy 0 <= first < end <= sample.num_steps ({s.num_steps}), "
+           f"got {s.sde_window_range}")
+    _check(s.sde_window == 0 or s.sde_window <= end - first,
+           f"sample.sde_window: a window of {s.sde_window} steps does not fit in sample.sde_window_range "
+           f"{s.sde_window_range} ({end - first} steps of sample.num_steps={s.num_steps})")
+    _check(s.sde_window_shift >= 1, "sample.sde_window_shift: must be >= 1")
+    _check(s.sde_window_interval >= 1, "sample.sde_window_interval: must be >= 1")
+    if t.algorithm == "diffusion_nft":
+        _check(s.sde_window == 0, "sample.sde_window: diffusion_nft samples by the plain ODE and stores no steps; "
+                                  "set it to 0")
+        _check(s.sde_type == "flow_grpo", "sample.sde_type: diffusion_nft samples by the plain ODE, with no SDE "
+                                          "step; remove the setting")
+        _check(s.guidance_scale == 1.0, "sample.guidance_scale: diffusion_nft is CFG-free (it trains the "
+                                        "conditional velocity); set it to 1")
+        _check(t.nft_beta > 0, "train.nft_beta: must be > 0")
+        _check(t.nft_decay_rate >= 0, "train.nft_decay_rate: must be >= 0")
+        _check(0 <= t.nft_decay_max < 1, "train.nft_decay_max: must be in [0, 1)")
+    last = s.num_steps if s.sde_window == 0 else end
+    _check(s.sde_type != "cps" or last < s.num_steps,
+           "sample.sde_type: cps has no noise at the last step (std = sigma_next = 0, no log-prob): use an "
+           f"sde_window whose sde_window_range ends before sample.num_steps ({s.num_steps})")
+    _check(t.algorithm != "rwr" or s.sde_window == 0,
+           "sample.sde_window: rwr trains on the final image x_0, which a windowed trajectory does not store; set it to 0")
+
+
 def validate(config: Config) -> None:
     """Range and consistency checks that the types alone do not catch."""
     s, t, a, c = config.sample, config.train, config.advantage, config.cluster
@@ -456,6 +527,8 @@ def validate(config: Config) -> None:
     _check(config.checkpoint_every_s >= 0, "checkpoint_every_s: must be >= 0 (0 = no checkpoints by time)")
     _check(config.eval_images >= 0, "eval_images: must be >= 0")
     check_device(config.model.device, "model.device")
+    _check(config.model.max_sequence_length is None or config.model.max_sequence_length >= 1,
+           f"model.max_sequence_length: must be >= 1 (or null: the model's own), got {config.model.max_sequence_length}")
     _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
     _check(config.lora.alpha > 0, "lora.alpha: must be > 0")
     _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
@@ -469,6 +542,7 @@ def validate(config: Config) -> None:
     _check(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
            "sample.height/sample.width: must be positive multiples of 8")
     _check(s.batch_size >= 1, "sample.batch_size: must be >= 1")
+    _validate_window(config)
     _check(s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch: must be >= 1")
     _check(t.learning_rate > 0, "train.learning_rate: must be > 0")
     _check(0 <= t.adam_beta1 < 1, "train.adam_beta1: must be in [0, 1)")

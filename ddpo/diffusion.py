@@ -145,21 +145,27 @@ def gaussian_step(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, pre
 
 @dataclass
 class Trajectories:
-    """A batch of denoising trajectories, as the sampler made them."""
+    """A batch of denoising trajectories, as the sampler made them: the stochastic steps only
+    (all of them, an SDE window's, or none when every step is the ODE's)."""
 
     prompts: list[str]
     seeds: list[int]
-    latents: torch.Tensor  # [B, T+1, C, h, w]: x_T, ..., x_0 in the sampling dtype
-    log_probs: torch.Tensor  # [B, T]: log p(x_{t-1} | x_t, c) at each step, float32
-    timesteps: torch.Tensor  # [B, T]: the timestep t of each step (DDIM: int64; flow: float32)
+    latents: torch.Tensor  # [B, S+1]: x before the first of the S stochastic steps, ..., x after the
+    #                        last (S = 0: x_0 alone), in the sampling dtype
+    log_probs: torch.Tensor | None  # [B, S]: log p(x_{t-1} | x_t, c) of each stochastic step, float32
+    timesteps: torch.Tensor  # [B, S]: the timestep t of each stochastic step (DDIM: int64; flow:
+    #                          float32); with S = 0, the whole schedule
     images: np.ndarray  # [B, H, W, 3] uint8, decoded from x_0
 
 
 @torch.no_grad()
-def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int], sample: SampleConfig) -> Trajectories:
-    """Run the family's stochastic sampler with per-step log-probs. Sample i depends only on
-    (prompts[i], seeds[i]) and the weights: its initial noise and every step's noise come from
-    its own generator, so the same sample comes out whatever batch it is drawn in."""
+def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int], sample: SampleConfig,
+                        sde_steps: range | None = None) -> Trajectories:
+    """Run the family's sampler; the steps at the indices `sde_steps` (consecutive; None: all) are
+    stochastic with per-step log-probs and stored, the others are the deterministic ODE step
+    (flow families). Sample i depends only on (prompts[i], seeds[i]) and the weights: its initial
+    noise and every step's noise come from its own generator, so the same sample comes out
+    whatever batch it is drawn in."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
     s = sample
@@ -167,21 +173,28 @@ def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int]
     cond, negative = model.encode(list(prompts), with_negative=use_cfg)
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     timesteps = model.set_timesteps(s.num_steps, s.height, s.width)
+    sde_steps = range(len(timesteps)) if sde_steps is None else sde_steps
     latents = model.initial_latents(generators, s.height, s.width, dtype=cond["prompt_embeds"].dtype)
 
-    all_latents, all_log_probs = [latents], []
-    for t in timesteps:
+    stored, log_probs = [], []
+    for i, t in enumerate(timesteps):
+        if i == sde_steps.start:
+            stored.append(latents)
         output = model.predict(latents, t, cond, negative, s.guidance_scale)
-        latents, log_prob, _, _ = model.step(output, t, latents, s, generator=generators)
-        all_latents.append(latents)
-        all_log_probs.append(log_prob)
+        if i in sde_steps:
+            latents, log_prob, _, _ = model.step(output, t, latents, s, generator=generators)
+            stored.append(latents)
+            log_probs.append(log_prob)
+        else:
+            latents = model.ode_step(output, t, latents)
 
+    stored_timesteps = timesteps[sde_steps.start:sde_steps.stop] if len(sde_steps) else timesteps
     return Trajectories(
         prompts=list(prompts),
         seeds=[int(seed) for seed in seeds],
-        latents=torch.stack(all_latents, dim=1).cpu(),
-        log_probs=torch.stack(all_log_probs, dim=1).float().cpu(),
-        timesteps=timesteps.repeat(len(prompts), 1).cpu(),
+        latents=(torch.stack(stored, dim=1) if log_probs else latents[:, None]).cpu(),
+        log_probs=torch.stack(log_probs, dim=1).float().cpu() if log_probs else None,
+        timesteps=stored_timesteps.repeat(len(prompts), 1).cpu(),
         images=model.decode(latents),
     )
 

@@ -3,6 +3,7 @@ and the reference policy (the same network with the adapter switched off)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,16 +35,18 @@ def lora_parameters(denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
-def get_lora_state(denoiser: torch.nn.Module) -> LoraState:
+def get_lora_state(denoiser: torch.nn.Module, adapter: str = "default") -> LoraState:
     """The LoRA weights as a flat dict of detached CPU tensors (what the learner broadcasts)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(denoiser).items()}
+    return {k: v.detach().to("cpu", copy=True)
+            for k, v in get_peft_model_state_dict(denoiser, adapter_name=adapter).items()}
 
 
 @torch.no_grad()
-def load_lora_state(denoiser: torch.nn.Module, state: LoraState) -> None:
+def load_lora_state(denoiser: torch.nn.Module, state: LoraState, adapter: str = "default") -> None:
     """Copy LoRA weights into the existing adapter, in place (no rebuild, no file I/O)."""
-    result = set_peft_model_state_dict(denoiser, state)
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter)
+    # this adapter's weights only: another adapter on the model (DiffusionNFT's old policy) is not loaded here
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
     if result.unexpected_keys or missing:
         raise ValueError(
             f"LoRA state does not match the model's adapter (unexpected: {result.unexpected_keys[:3]}, "
@@ -57,6 +60,35 @@ def save_lora(model: ModelFamily, directory: str | Path) -> None:
     metadata, so lora_alpha (the scale) survives the trip."""
     model.save_lora(get_peft_model_state_dict(model.denoiser), model.denoiser.peft_config["default"].to_dict(),
                     directory)
+
+
+def add_adapter_copy(denoiser: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """A second adapter `name` on the same base weights, equal to the trained one ("default")
+    and frozen: DiffusionNFT's old policy, with no second copy of the model. The trained adapter
+    stays the active one. Returns the copy's parameters, in the trained adapter's order."""
+    config = denoiser.peft_config["default"]
+    with warnings.catch_warnings():  # peft warns that the model now has two adapters: it is meant to
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        denoiser.add_adapter(LoraConfig(r=config.r, lora_alpha=config.lora_alpha,
+                                        target_modules=config.target_modules), adapter_name=name)
+    denoiser.set_adapter("default")
+    copies = dict(denoiser.named_parameters())
+    params = [copies[key.replace(".default.", f".{name}.")] for key, p in denoiser.named_parameters()
+              if p.requires_grad]
+    with torch.no_grad():
+        for param, trained in zip(params, lora_parameters(denoiser)):
+            param.data = trained.detach().clone()
+    return params
+
+
+@contextmanager
+def active_adapter(denoiser: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run the denoiser with adapter `name` instead of the trained one (then back to it)."""
+    denoiser.set_adapter(name)
+    try:
+        yield
+    finally:
+        denoiser.set_adapter("default")
 
 
 @contextmanager

@@ -65,3 +65,39 @@ def rwr_loss(noise_pred, noise, weights):
     elements) weighted per sample."""
     per_sample = ((noise_pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, noise.ndim)))
     return (weights * per_sample).mean(), {}
+
+
+def nft_optimality(advantages, adv_clip_max):
+    """DiffusionNFT's optimality probability r in [0, 1] of each sample (Zheng et al. 2025):
+    its normalised reward mapped linearly, r = 1/2 + clip(A, -c, c) / (2c)."""
+    return (0.5 + advantages.clamp(-adv_clip_max, adv_clip_max) / (2 * adv_clip_max)).clamp(0, 1)
+
+
+def diffusion_nft_loss(v_theta, v_old, v_target, sigma, r, beta, adv_clip_max, adaptive_weight=True):
+    """DiffusionNFT's negative-aware fine-tuning loss (Zheng et al. 2025, arXiv 2509.16117), per sample [B]
+    then meaned:
+        v+ = (1 - beta) v_old + beta v_theta,   v- = (1 + beta) v_old - beta v_theta
+        L = c / beta * E[ r ||v+ - v||^2 + (1 - r) ||v- - v||^2 ]
+    with v = eps - x_0 the flow-matching target at x_t = (1 - sigma) x_0 + sigma eps, v_old the old
+    policy's velocity (no gradient) and c = adv_clip_max, as the public code scales it. With
+    `adaptive_weight` (the public code's default) each squared error is taken on the predicted
+    x_0 = x_t - sigma v+-, whose error is sigma (v - v+-), and divided by that error's mean absolute
+    value (detached): the loss's scale does not depend on sigma or on how well the model fits."""
+    dims = tuple(range(1, v_theta.ndim))
+    v_old = v_old.detach()
+    v_pos = (1 - beta) * v_old + beta * v_theta
+    v_neg = (1 + beta) * v_old - beta * v_theta
+
+    def error(v_implicit):
+        if not adaptive_weight:
+            return ((v_implicit - v_target) ** 2).mean(dim=dims)
+        x0_error = sigma * (v_target - v_implicit)
+        weight = x0_error.detach().double().abs().mean(dim=dims, keepdim=True).clamp(min=1e-5).float()
+        return (x0_error**2 / weight).mean(dim=dims)
+
+    positive, negative = error(v_pos), error(v_neg)
+    loss = (adv_clip_max * (r * positive + (1 - r) * negative) / beta).mean()
+    with torch.no_grad():
+        diagnostics = {"nft_positive_loss": positive.mean(), "nft_negative_loss": negative.mean(),
+                       "nft_old_deviation": ((v_theta - v_old) ** 2).mean()}
+    return loss, diagnostics

@@ -27,6 +27,10 @@ BUILTIN_FOLDERS = {
     # no T5) on the same VAE and text encoder, trained by rectified flow (same script)
     "builtin:digits-flow": Path(__file__).resolve().parent / "assets" / "digits-flow",
 }
+# the T5 sequence length (`model.max_sequence_length`) a builtin model was trained with, where it
+# is not its pipeline's default: digits-flow has no T5 and was trained on one zero "T5 token"
+# after its 8 CLIP tokens (scripts/train_digits.py's `flow.max_sequence_length`)
+BUILTIN_MAX_SEQUENCE_LENGTH = {"builtin:digits-flow": 1}
 
 # Words the tiny tokenizer knows; anything else maps to [UNK]. Enough for the default prompts
 # and tests; the tiny model is random, so its vocabulary only needs to tell prompts apart.
@@ -49,9 +53,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+def word_level_tokenizer(words: list[str], model_max_length: int = 77) -> PreTrainedTokenizerFast:
     """A CLIP-shaped tokenizer over a fixed word list (one token per whitespace-separated word,
-    anything else [UNK]), usable as a StableDiffusionPipeline's tokenizer."""
+    anything else [UNK]), usable as a StableDiffusionPipeline's tokenizer. The pipelines pad and
+    cut prompts to `model_max_length` tokens (CLIP's 77)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<|startoftext|>", "<|endoftext|>", "[UNK]"]
@@ -64,7 +69,7 @@ def word_level_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         unk_token="[UNK]",
-        model_max_length=77,
+        model_max_length=model_max_length,
     )
 
 
@@ -156,10 +161,15 @@ def load_pipeline(
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
+    max_sequence_length: int | None = None,
 ) -> ModelFamily:
     """The frozen pipeline for sampling and training, behind its family's adapter
-    (`ddpo.families`), on `device` in `dtype`. Raises ModelLoadError with a one-line message."""
+    (`ddpo.families`), on `device` in `dtype`; `max_sequence_length` (`model.max_sequence_length`):
+    the T5 tokens of a prompt (SD3, FLUX), None for the length a builtin model was trained with or
+    else the pipeline's default. Raises ModelLoadError with a one-line message."""
     torch_dtype = getattr(torch, dtype)
+    if max_sequence_length is None:
+        max_sequence_length = BUILTIN_MAX_SEQUENCE_LENGTH.get(pretrained)
     if pretrained == BUILTIN_TINY:
         pipe = build_tiny_pipeline(seed)
         if torch_dtype != torch.float32:
@@ -195,7 +205,13 @@ def load_pipeline(
         pipe = family.prepare(pipe)
     except ValueError as err:  # a scheduler setting the family cannot step with
         raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
-    model = family(pipe)
+    if max_sequence_length is None:
+        model = family(pipe)
+    elif hasattr(family, "max_sequence_length"):
+        model = family(pipe, max_sequence_length=max_sequence_length)
+    else:
+        raise ModelLoadError(f"model.max_sequence_length: '{pretrained}' is a {type(pipe).__name__}, which has "
+                             "no T5 sequence length (SD3 and FLUX have one); leave it unset")
     for module in model.frozen_modules():
         module.requires_grad_(False)
     pipe.to(resolve_device(device))
@@ -213,13 +229,36 @@ def model_index(source: str, revision: str | None = None) -> dict:
     return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
 
 
+def check_family_settings(config) -> None:
+    """Refuse, with a ConfigError naming the field, settings that the model's family cannot
+    honour (an SDE window, CPS or DiffusionNFT on a DDIM model). Reads only model_index.json."""
+    from ddpo.config import ConfigError
+
+    pretrained = config.model.pretrained
+    if pretrained == BUILTIN_TINY:
+        family = family_named("StableDiffusionPipeline")  # build_tiny_pipeline's
+    else:
+        source = str(BUILTIN_FOLDERS.get(pretrained, pretrained))
+        try:
+            family = family_named(model_index(source, config.model.revision).get("_class_name", "?"))
+        except ValueError as err:
+            raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
+    try:
+        family.check_config(config)
+    except ValueError as err:
+        raise ConfigError(f"{err} (model.pretrained '{pretrained}' is a {family.__name__} model)") from None
+
+
 def load_policy(config) -> ModelFamily:
     """The policy p_theta: the frozen pipeline of `config.model` with the LoRA adapter of
     `config.lora` on its denoiser (the same initial adapter everywhere, from `config.seed`)."""
     from ddpo.lora import attach_lora
 
+    check_family_settings(config)
+
     model = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
-                          config.model.dtype, seed=config.seed)
+                          config.model.dtype, seed=config.seed,
+                          max_sequence_length=config.model.max_sequence_length)
     lora = config.lora
     attach_lora(model.denoiser, lora.rank, lora.alpha, lora.target_modules or model.default_lora_targets,
                 seed=config.seed)

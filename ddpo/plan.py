@@ -18,6 +18,31 @@ class SampleBatchSpec:
     batch_id: str
     prompts: list[str]
     seeds: list[int]
+    sde_start: int = 0  # the first step of the SDE window (sample.sde_window > 0)
+
+
+def sde_steps(config: Config, sde_start: int) -> range:
+    """The indices of the steps a sampler takes stochastically, stores and the learner trains on:
+    every step (DDPO, Flow-GRPO), the SDE window's from `sde_start`, or none (DiffusionNFT,
+    which samples by the ODE and trains on the final images)."""
+    if config.train.algorithm == "diffusion_nft":
+        return range(0)
+    s = config.sample
+    return range(sde_start, sde_start + s.sde_window) if s.sde_window else range(s.num_steps)
+
+
+def _window_start(config: Config, epoch: int, rng: np.random.Generator) -> int:
+    """Where the SDE window starts this sample batch: drawn uniformly so that the window lies in
+    `sde_window_range` (Flow-GRPO-Fast), or sliding from the range's first step by
+    `sde_window_shift` every `sde_window_interval` epochs, then staying at its end (MixGRPO)."""
+    s = config.sample
+    if not s.sde_window:
+        return 0
+    first, end = s.sde_window_range
+    last_start = end - s.sde_window
+    if s.sde_window_schedule == "random":
+        return int(rng.integers(first, last_start + 1))
+    return min(first + s.sde_window_shift * (epoch // s.sde_window_interval), last_start)
 
 
 def _group_prompts(config: Config, prompts: list[str], rng: np.random.Generator) -> list[str]:
@@ -41,6 +66,7 @@ def epoch_plan(config: Config, prompts: list[str], epoch: int) -> list[SampleBat
             prompts=(grouped[b * size:(b + 1) * size] if grouped is not None
                      else [prompts[i] for i in rng.integers(0, len(prompts), size)]),
             seeds=[config.seed * 1_000_000_007 + first + i for i in range(size)],
+            sde_start=_window_start(config, epoch, rng),
         ))
     return specs
 
@@ -59,4 +85,5 @@ def eval_plan(config: Config, prompts: list[str]) -> SampleBatchSpec:
         batch_id="eval",
         prompts=[prompts[i % len(prompts)] for i in range(num_images)],
         seeds=[2**62 + config.seed * num_images + i for i in range(num_images)],
+        sde_start=config.sample.sde_window_range[0],
     )

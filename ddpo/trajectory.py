@@ -46,11 +46,14 @@ def _to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def to_record_batch(trajectories: Trajectories, batch_id: str, policy_version: int) -> pa.RecordBatch:
-    """Trajectories -> Arrow, every row tagged with its sample batch id and policy version."""
+    """Trajectories -> Arrow, every row tagged with its sample batch id and policy version.
+    Trajectories without stochastic steps (DiffusionNFT's) have no `log_probs` column."""
     n = len(trajectories.prompts)
     latents = trajectories.latents
     if latents.dtype == torch.bfloat16:  # numpy has no bfloat16
         latents = latents.float()
+    log_probs = ({} if trajectories.log_probs is None
+                 else {"log_probs": _tensor_column(trajectories.log_probs.numpy().astype(np.float32))})
     return pa.record_batch(
         {
             "batch_id": pa.array([batch_id] * n, pa.string()),
@@ -58,7 +61,7 @@ def to_record_batch(trajectories: Trajectories, batch_id: str, policy_version: i
             "seed": pa.array(trajectories.seeds, pa.int64()),
             "policy_version": pa.array([policy_version] * n, pa.int64()),
             "timesteps": _tensor_column(trajectories.timesteps.numpy()),
-            "log_probs": _tensor_column(trajectories.log_probs.numpy().astype(np.float32)),
+            **log_probs,
             LATENTS: _tensor_column(latents.numpy()),
             "image_png": pa.array([encode_png(img) for img in trajectories.images], pa.binary()),
         }
@@ -72,9 +75,9 @@ class TrainingBatch:
     batch_ids: list[str]
     prompts: list[str]
     policy_versions: torch.Tensor  # [B] int64
-    latents: torch.Tensor  # [B, T+1, C, h, w]
-    log_probs: torch.Tensor  # [B, T]
-    timesteps: torch.Tensor  # [B, T]
+    latents: torch.Tensor  # [B, S+1, C, h, w]: the stochastic steps' (S = 0: x_0 alone)
+    log_probs: torch.Tensor | None  # [B, S]; None without stochastic steps
+    timesteps: torch.Tensor  # [B, S]; with S = 0, the sampling schedule
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -113,7 +116,8 @@ def to_training_batch(table: pa.Table | pa.RecordBatch) -> TrainingBatch:
         prompts=table.column("prompt").to_pylist(),
         policy_versions=torch.tensor(table.column("policy_version").to_pylist(), dtype=torch.int64),
         latents=torch.from_numpy(_to_numpy(table.column(LATENTS)).copy()),
-        log_probs=torch.from_numpy(_to_numpy(table.column("log_probs")).copy()),
+        log_probs=(torch.from_numpy(_to_numpy(table.column("log_probs")).copy())
+                   if "log_probs" in table.column_names else None),
         timesteps=torch.from_numpy(_to_numpy(table.column("timesteps")).copy()),
     )
 

@@ -1,4 +1,4 @@
-"""The learner: advantages, then DDPO-IS / DDPO-SF / RWR updates of the denoiser's LoRA.
+"""The learner: advantages, then DDPO-IS / DDPO-SF / RWR / DiffusionNFT updates of the denoiser's LoRA.
 
 A plain class (no Ray): `cluster/` wraps it as the actors `learner-<rank>`. One call of
 `train()` is one update (the paper's "iteration"): it consumes an epoch's trajectories and their
@@ -30,8 +30,14 @@ from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advanta
 from ddpo.config import Config, TrainConfig
 from ddpo.diffusion import step_log_prob
 from ddpo.families import concat, take
-from ddpo.lora import LoraState, get_lora_state, load_lora_state, lora_parameters, reference_policy, save_lora
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, importance_weight, kl_to_reference, rwr_loss, rwr_weights
+from ddpo.lora import (
+    LoraState, active_adapter, add_adapter_copy, get_lora_state, load_lora_state, lora_parameters, reference_policy,
+    save_lora,
+)
+from ddpo.losses import (
+    ddpo_is_loss, ddpo_sf_loss, diffusion_nft_loss, importance_weight, kl_to_reference, nft_optimality, rwr_loss,
+    rwr_weights,
+)
 from ddpo.pipeline import load_policy
 from ddpo.trajectory import EpochTrajectories, TrainingBatch, to_training_batch
 
@@ -46,6 +52,9 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+OLD = "old"  # DiffusionNFT's old-policy adapter
 
 
 def _num_train_steps(train: TrainConfig, num_steps: int) -> int:
@@ -69,6 +78,12 @@ class Learner:
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # the same on every rank
         self.policy_version = 0
         self.trained_batch_ids: set[str] = set()
+        self.optimizer_steps = 0
+        # DiffusionNFT's old policy v_old: a second adapter on the same base model, which samples
+        self.old_policy = add_adapter_copy(self.model.denoiser, OLD) if t.algorithm == "diffusion_nft" else None
+        # the steps each trajectory holds that training picks from: the stochastic ones
+        # (DDPO, Flow-GRPO, an SDE window's), or, for DiffusionNFT, the whole sampling schedule
+        self.num_steps = s.num_steps if self.old_policy is not None else s.stored_steps
 
     def join_group(self, init_method: str, hostname: str) -> None:
         """Join the learner group's process group (`world_size` > 1): NCCL on GPU, gloo on CPU
@@ -83,17 +98,18 @@ class Learner:
             dist.init_process_group("gloo", init_method=init_method, rank=self.rank,
                                     world_size=self.world_size, pg_options=options)
 
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks, in place (nothing to do on one rank)."""
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """The sum (or `op`) over ranks, in place (nothing to do on one rank)."""
         if self.world_size > 1:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op)
         return tensor
 
     # -- weights ------------------------------------------------------------------------------
 
     def weights(self) -> tuple[int, LoraState]:
-        """(policy_version, LoRA state): what gets broadcast to the samplers."""
-        return self.policy_version, get_lora_state(self.model.denoiser)
+        """(policy_version, LoRA state): what gets broadcast to the samplers, the policy that
+        samples (DiffusionNFT: the old policy)."""
+        return self.policy_version, get_lora_state(self.model.denoiser, OLD if self.old_policy else "default")
 
     # -- one update ---------------------------------------------------------------------------
 
@@ -123,7 +139,7 @@ class Learner:
         )
 
         # the minibatch plan (the same on every rank), then this rank's samples of it
-        plan = self._minibatches(len(prompts), self.config.sample.num_steps)
+        plan = self._minibatches(len(prompts), self.num_steps)
         rows = sorted({int(i) for idx, _, _ in plan for i in self._my_slice(idx)})
         batch = self._fetch_rows(epoch, fresh, rows)
         local = torch.full((len(prompts),), -1, dtype=torch.long)
@@ -131,6 +147,8 @@ class Learner:
 
         if self.config.train.algorithm == "rwr":
             diagnostics = self._train_rwr(batch, local, advantages, plan)
+        elif self.old_policy is not None:
+            diagnostics = self._train_nft(batch, local, advantages, plan)
         else:
             diagnostics = self._train_policy_gradient(batch, local, advantages, plan)
 
@@ -238,6 +256,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
         return float(grad_norm)
 
     def _summarise(self, sums: dict[str, float], num_terms: int, grad_norms: list[float]) -> dict[str, float]:
@@ -250,7 +269,7 @@ class Learner:
     def _train_policy_gradient(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
                                plan) -> dict[str, float]:
         t, s = self.config.train, self.config.sample
-        num_steps = self.config.sample.num_steps
+        num_steps = self.num_steps
         num_train_steps = _num_train_steps(t, num_steps)
         cond, negative = self._embeddings(batch.prompts, with_negative=t.cfg and self.model.uses_cfg(s.guidance_scale))
 
@@ -275,7 +294,9 @@ class Learner:
                  + (["kl_ref"] if with_kl else []))
         sums, grad_norms = dict.fromkeys(names, 0.0), []
         scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
-        for idx_global, steps_global, step_after in plan:
+        # rollout/train fidelity: max |ratio - 1| over the first minibatch, before any update
+        mismatch = torch.zeros(1, dtype=torch.float64)
+        for k, (idx_global, steps_global, step_after) in enumerate(plan):
             mine = self._my_slice(torch.arange(len(idx_global)))
             share = len(mine) / len(idx_global)  # this rank's part of the minibatch's mean
             idx, adv = local[idx_global[mine]], advantages[idx_global[mine]]
@@ -285,6 +306,9 @@ class Learner:
                 log_prob = self._log_prob(batch, idx, steps, cond, negative, kl=with_kl)
                 if with_kl:
                     log_prob, kl_ref = log_prob
+                if k == 0:
+                    ratio = torch.exp(log_prob.detach().double() - log_prob_prox[idx[:, None], steps].double())
+                    mismatch = torch.maximum(mismatch, (ratio - 1).abs().max().reshape(1))
                 terms = (adv[:, None].expand_as(steps), weight[idx[:, None], steps])
                 if t.algorithm == "ddpo_is":
                     loss, diag = ddpo_is_loss(log_prob, log_prob_prox[idx[:, None], steps], terms[0],
@@ -301,6 +325,7 @@ class Learner:
             if step_after:
                 grad_norms.append(self._optimizer_step())
         return {**self._summarise(sums, len(plan) * num_train_steps, grad_norms),
+                "logprob_mismatch_max": float(self._all_reduce(mismatch, dist.ReduceOp.MAX)),
                 "time_proximal_s": time_proximal}
 
     def _train_rwr(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
@@ -309,7 +334,7 @@ class Learner:
         trajectory's timesteps, each sample weighted by exp(A / beta) or a top-k 0/1 weight."""
         t = self.config.train
         device = self.model.device
-        num_train_steps = _num_train_steps(t, self.config.sample.num_steps)
+        num_train_steps = _num_train_steps(t, self.num_steps)
         weights = rwr_weights(advantages, beta=t.rwr_beta, top_fraction=t.rwr_top_fraction if t.rwr_sparse else None)
         cond, _ = self._embeddings(batch.prompts, with_negative=False)
         x0 = batch.latents[:, -1].float()
@@ -341,6 +366,74 @@ class Learner:
         # RWR has no ratio: it neither clips nor measures a KL to the sampling policy
         return {"approx_kl": float("nan"), "clipfrac": float("nan"),
                 **self._summarise(sums, len(plan) * num_train_steps, grad_norms)}
+
+    def _train_nft(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
+                   plan) -> dict[str, float]:
+        """DiffusionNFT on the final samples x_0: at each of a sample's planned schedule timesteps,
+        fresh noise puts x_t on the forward process, and v_theta is pulled toward the implicit
+        positive policy for rewarded samples (r near 1) and away for the others (r near 0), both
+        relative to the old policy v_old (ddpo.losses.diffusion_nft_loss). Then v_old moves
+        toward v_theta (`_update_old_policy`)."""
+        t, s = self.config.train, self.config.sample
+        device = self.model.device
+        num_train_steps = _num_train_steps(t, self.num_steps)
+        r = nft_optimality(advantages, t.adv_clip_max)
+        cond, _ = self._embeddings(batch.prompts, with_negative=False)
+        x0 = batch.latents[:, -1].float()
+        denoiser, with_kl = self.model.denoiser, t.kl_coef > 0
+
+        def predict(x, timestep, rows):
+            return self.model.predict(x, timestep, take(cond, rows), None, s.guidance_scale).float()
+
+        names = ["loss", "nft_positive_loss", "nft_negative_loss", "nft_old_deviation"] + (["kl_ref"] if with_kl else [])
+        sums, grad_norms = dict.fromkeys(names, 0.0), []
+        scale = 1.0 / (num_train_steps * t.gradient_accumulation_steps)
+        for idx_global, steps_global, step_after in plan:
+            mine = self._my_slice(torch.arange(len(idx_global)))
+            share = len(mine) / len(idx_global)
+            idx = local[idx_global[mine]]
+            for chunk in self._step_chunks(num_train_steps):
+                # the noise of the whole minibatch, step by step: the same draws on every rank
+                noise = torch.stack([torch.randn((len(idx_global), *x0.shape[1:]), generator=self.generator)[mine]
+                                     for _ in range(chunk.start, chunk.stop)], dim=1)  # [m, n, ...]
+                if not len(mine):
+                    continue
+                m, n = noise.shape[:2]
+                rows = idx[:, None].expand(m, n).reshape(-1)
+                timestep = batch.timesteps[rows, steps_global[mine, chunk].reshape(-1)].to(device)
+                x_t, v_target = self.model.noised(x0[rows].to(device), noise.reshape(m * n, *x0.shape[1:]).to(device),
+                                                  timestep)
+                with torch.no_grad(), active_adapter(denoiser, OLD):
+                    v_old = predict(x_t, timestep, rows)
+                v_theta = predict(x_t, timestep, rows)
+                sigma = (timestep.float() / self.model.scheduler.config.num_train_timesteps).reshape(
+                    -1, *[1] * (x_t.ndim - 1))
+                loss, diag = diffusion_nft_loss(v_theta, v_old, v_target.float(), sigma,
+                                                r[idx_global[mine]].repeat_interleave(n).to(device), t.nft_beta,
+                                                t.adv_clip_max, t.nft_adaptive_weight)
+                if with_kl:  # L + beta_KL ||v_theta - v_ref||^2, as the public code
+                    with torch.no_grad(), reference_policy(denoiser):
+                        v_ref = predict(x_t, timestep, rows)
+                    kl_ref = ((v_theta - v_ref) ** 2).mean()
+                    loss = loss + t.kl_coef * kl_ref
+                    diag["kl_ref"] = kl_ref.detach()
+                (loss * (n * share * scale)).backward()
+                for name, value in {"loss": loss, **diag}.items():
+                    sums[name] += value.item() * n * share
+            if step_after:
+                grad_norms.append(self._optimizer_step())
+        decay = self._update_old_policy()
+        return {**self._summarise(sums, len(plan) * num_train_steps, grad_norms), "nft_decay": decay}
+
+    @torch.no_grad()
+    def _update_old_policy(self) -> float:
+        """v_old <- d v_old + (1 - d) v_theta, d = min(nft_decay_rate * optimizer steps so far,
+        nft_decay_max) (DiffusionNFT's EMA of the old policy); returns d."""
+        t = self.config.train
+        decay = min(t.nft_decay_rate * self.optimizer_steps, t.nft_decay_max)
+        for old, trained in zip(self.old_policy, lora_parameters(self.model.denoiser)):
+            old.mul_(decay).add_(trained.detach(), alpha=1 - decay)
+        return decay
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -381,12 +474,15 @@ class Learner:
         save_lora(self.model, directory)
         optimizer = self.optimizer.state_dict()
         tensors = {"generator_state": self.generator.get_state()}
+        if self.old_policy is not None:
+            tensors.update({f"{OLD}.{key}": value for key, value in get_lora_state(self.model.denoiser, OLD).items()})
         for index, state in optimizer["state"].items():
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).clone()
         save_file(tensors, str(directory / "learner_state.safetensors"))
         (directory / "learner_state.json").write_text(json.dumps({
             "policy_version": self.policy_version,
+            "optimizer_steps": self.optimizer_steps,
             "optimizer_param_groups": optimizer["param_groups"],
             "stat_tracker": self.stat_tracker.state_dict(),
             "trained_batch_ids": sorted(self.trained_batch_ids),
@@ -400,6 +496,9 @@ class Learner:
         tensors = load_file(str(directory / "learner_state.safetensors"))
         meta = json.loads((directory / "learner_state.json").read_text())
         self.generator.set_state(tensors.pop("generator_state"))
+        old = {key.removeprefix(f"{OLD}."): tensors.pop(key) for key in list(tensors) if key.startswith(f"{OLD}.")}
+        if self.old_policy is not None:
+            load_lora_state(self.model.denoiser, old, OLD)
         optimizer_state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, value in tensors.items():
             _, index, name = key.split(".", 2)
@@ -408,5 +507,6 @@ class Learner:
                                         "param_groups": meta["optimizer_param_groups"]})
         self.stat_tracker.load_state_dict(meta["stat_tracker"])
         self.policy_version = meta["policy_version"]
+        self.optimizer_steps = meta.get("optimizer_steps", 0)  # checkpoints before DiffusionNFT: unused
         self.trained_batch_ids = set(meta["trained_batch_ids"])
         return self.policy_version

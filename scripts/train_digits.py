@@ -1,7 +1,7 @@
 """Train the embedded digits model (`builtin:digits`), its judge (`digit_judge`) and its
 flow-matching twin (`builtin:digits-flow`) from scikit-learn's bundled 8x8 handwritten digits.
-Seeded and deterministic on CPU. On 2 cores steps 1-5 take 220 s; step 6 took 8 min of training
-and 30 s of judging while other jobs loaded the cores (6 min of CPU time: about 4 min when idle).
+Seeded and deterministic on CPU. On 2 cores steps 1-5 take 220 s; step 6 took 175 s of training
+and 4 s of judging while other jobs loaded the cores (3 min of CPU time).
 
     python scripts/train_digits.py [--settings ddpo/assets/train_digits.yaml] [--out ddpo/assets]
                                    [--only digits|flow] [--flow-grid samples.png]
@@ -19,8 +19,11 @@ and 30 s of judging while other jobs loaded the cores (6 min of CPU time: about 
 6. the flow-matching twin (`digits-flow/`, float32): a StableDiffusion3Pipeline on step 5's VAE,
    text encoder (as both CLIP encoders, no T5) and tokenizer, read back from `digits/`, with a tiny
    SD3Transformer2DModel trained by rectified flow on the same noisy captions and a
-   FlowMatchEulerDiscreteScheduler (shift 3); reloaded and judged with 10 Euler steps like step 5
-   (the judge agrees on about 45% of its samples).
+   FlowMatchEulerDiscreteScheduler (shift 3). Its text context is short: prompts of 8 CLIP tokens
+   (the tokenizers' model_max_length) and one zero "T5 token" (`max_sequence_length=1`, which
+   sampling must pass too: `ddpo.pipeline.BUILTIN_MAX_SEQUENCE_LENGTH`), not the pipeline's
+   77 + 256. Reloaded and judged with 10 Euler steps like step 5 (the judge agrees on about 50% of
+   its samples).
 
 `--only flow` runs step 6 alone, on the judge, VAE and text encoder already in OUT, which it
 leaves byte for byte; `--only digits` runs steps 1-5.
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -51,7 +53,6 @@ from diffusers import (  # noqa: E402
     AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
     StableDiffusionPipeline, UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
 from safetensors.torch import load_model, save_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import (  # noqa: E402
@@ -262,45 +263,19 @@ def judged_accuracy(model_dir: Path, judge_dir: Path, config_path: Path, samples
 
 # -- the flow-matching twin (builtin:digits-flow) -------------------------------------------------
 
-T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: without T5, that many zeros
-
-
-class RepeatedLastTokenAttention(JointAttnProcessor2_0):
-    """SD3's joint attention where the context's last token stands for `repeats` identical ones.
-
-    Without T5 the pipeline appends 256 zero "T5 tokens" to the 77 CLIP ones. They stay identical
-    through every block (same input, same per-token maps, same queries), so attention over them
-    equals attention over one of them with log(256) added to its logit. Training on 77 + 1 context
-    tokens this way is the same function as sampling with 77 + 256, at a quarter of the cost."""
-
-    def __init__(self, repeats: int):
-        super().__init__()
-        self.log_repeats = math.log(repeats)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        assert attn.norm_q is None and attn.norm_added_q is None and encoder_hidden_states is not None
-        b, n = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (torch.cat([heads(image(hidden_states)), heads(context(encoder_hidden_states))], dim=2)
-                   for image, context in ((attn.to_q, attn.add_q_proj), (attn.to_k, attn.add_k_proj),
-                                          (attn.to_v, attn.add_v_proj)))
-        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)  # added to every query's logits
-        bias[0, -1] = self.log_repeats
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
-        image_out, context_out = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context_out = attn.to_add_out(context_out)
-        return attn.to_out[1](attn.to_out[0](image_out)), context_out
-
-
 def flow_pipeline(s: dict, digits_dir: Path) -> StableDiffusion3Pipeline:
     """An untrained SD3-shaped pipeline around the digits model's trained parts: its VAE (same
     weights, in float32, with SD3's shift_factor 0), its frozen text encoder as both CLIP encoders
     (with an identity text projection: the pooled output is the final-layer-normed end token, as in
-    CLIP) and its word-level tokenizer; no T5. A tiny SD3Transformer2DModel denoises the latents."""
+    CLIP) and its word-level tokenizer, cut to `flow.tokenizer_max_length` tokens; no T5. A tiny
+    SD3Transformer2DModel denoises the latents.
+
+    The pipeline encodes a prompt as its CLIP tokens' states followed by `max_sequence_length` zero
+    "T5 tokens" (256 by default; here `flow.max_sequence_length`, 1, which sampling must pass too).
+    With the settings' 8 CLIP tokens the transformer attends over 9 text tokens beside the 64 image
+    ones, not 77 + 256. CLIP's attention is causal, so the first tokens' states (and the end
+    token's, the pooled output) are those it gives with 77: the text encoder stays the digits
+    model's."""
     f, t = s["flow"], s["text_encoder"]
     # the same weights, in float32 (not through from_pretrained, whose config would record the folder)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(digits_dir / "vae"))
@@ -309,14 +284,19 @@ def flow_pipeline(s: dict, digits_dir: Path) -> StableDiffusion3Pipeline:
     # SD3 decodes latents / scaling_factor + shift_factor: the latents' mean is about -0.06 of
     # their std, so no shift, and the digits model's scaling (1 / std) unchanged
     vae.register_to_config(shift_factor=0.0)
-    tokenizer = word_level_tokenizer(vocabulary(s["prompts"]))
+    tokenizer = word_level_tokenizer(vocabulary(s["prompts"]), f["tokenizer_max_length"])
+    # each prompt with its end token (the pooled output), within the pipeline's length
+    longest = max(len(tokenizer(p).input_ids) for p in caption_prompts(s["prompts"]))
+    if longest >= tokenizer.model_max_length:
+        raise SystemExit(f"flow.tokenizer_max_length: a prompt has {longest} tokens; it must be at least "
+                         f"{longest + 1} (the end token, whose state is the pooled output)")
     trained = PreTrainedTokenizerFast.from_pretrained(digits_dir / "tokenizer").get_vocab()
     if tokenizer.get_vocab() != trained:
         raise SystemExit(f"the prompts of {digits_dir}'s training differ from the settings' (its vocabulary)")
     clip = CLIPTextModel.from_pretrained(digits_dir / "text_encoder", dtype=torch.float32)
     hidden = t["hidden_size"]
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        vocab_size=len(tokenizer), max_position_embeddings=clip.config.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
         **{k: t[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
@@ -354,20 +334,9 @@ def train_flow(s: dict, digits_dir: Path, images: np.ndarray, labels: np.ndarray
     with torch.no_grad():
         posterior = vae.encode(to_model_range(images)).latent_dist
         prompts = caption_prompts(s["prompts"])
-        # [P, 77 + 1, 2 hidden]: the CLIP tokens and one zero "T5 token" standing for 256
+        # [P, 8 + 1, 2 hidden]: the CLIP tokens and the zero "T5 tokens", as the pipeline encodes them
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=1)
-        full, _, _, _ = pipe.encode_prompt(prompts[:2], None, None, do_classifier_free_guidance=False,
-                                           max_sequence_length=T5_TOKENS)
-        # the shortcut computes what the pipeline will: check it on the untrained transformer
-        x, timestep = torch.randn(2, *posterior.mean.shape[1:]), torch.tensor([900.0, 100.0])
-        reference = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=full,
-                                pooled_projections=pooled[:2]).sample
-    transformer.set_attn_processor(RepeatedLastTokenAttention(T5_TOKENS))
-    with torch.no_grad():
-        shortcut = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds[:2],
-                               pooled_projections=pooled[:2]).sample
-    assert torch.allclose(shortcut, reference, atol=1e-5), (shortcut - reference).abs().max()
+                                                  max_sequence_length=f["max_sequence_length"])
     mean, std = posterior.mean, posterior.std
     labels = torch.as_tensor(labels)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=f["learning_rate"])
@@ -390,16 +359,16 @@ def train_flow(s: dict, digits_dir: Path, images: np.ndarray, labels: np.ndarray
         loss.backward()
         optimizer.step()
         schedule.step()
-    transformer.set_attn_processor(JointAttnProcessor2_0())
     transformer.eval().requires_grad_(False)
     return pipe
 
 
 def judged_flow_accuracy(model_dir: Path, judge_dir: Path, config_path: Path, samples_per_prompt: int,
-                         grid: Path | None = None) -> dict:
-    """Sample the saved flow model (StableDiffusion3Pipeline.from_pretrained, its Euler sampler) with a DDPO config's prompts, steps, guidance and size; the judge's accuracy, its mean
-    probability of the prompted digit and its mean top probability. `grid`: a PNG of the samples,
-    a row per prompt."""
+                         max_sequence_length: int, grid: Path | None = None) -> dict:
+    """Sample the saved flow model (StableDiffusion3Pipeline.from_pretrained, its Euler sampler,
+    with the `max_sequence_length` it was trained with) with a DDPO config's prompts, steps,
+    guidance and size; the judge's accuracy, its mean probability of the prompted digit and its
+    mean top probability. `grid`: a PNG of the samples, a row per prompt."""
     config = load_config(config_path)
     c = config.sample
     # model_index.json holds text_encoder_3 and tokenizer_3 as [null, null]; they are not among
@@ -412,7 +381,7 @@ def judged_flow_accuracy(model_dir: Path, judge_dir: Path, config_path: Path, sa
         generators = [torch.Generator().manual_seed(10_000 * (k + 1) + i) for i in range(samples_per_prompt)]
         images = pipe([prompt] * samples_per_prompt, num_inference_steps=c.num_steps,
                       guidance_scale=c.guidance_scale, height=c.height, width=c.width,
-                      generator=generators, output_type="np").images
+                      max_sequence_length=max_sequence_length, generator=generators, output_type="np").images
         images = (images * 255).round().astype(np.uint8)
         reward, info = judge(images, [prompt] * len(images), [{}] * len(images))
         per_prompt[prompt] = float(np.mean(info["correct"]))
@@ -475,7 +444,7 @@ def train_digits_flow(s: dict, out: Path, images, train_y, grid: Path | None) ->
     trained_s = time.perf_counter() - start
     e = s["flow"]["evaluate"]
     result = judged_flow_accuracy(model_dir, out / "digits-judge", ROOT / e["config"],
-                                  e["samples_per_prompt"], grid)
+                                  e["samples_per_prompt"], s["flow"]["max_sequence_length"], grid)
     print(f"digits-flow model: judged accuracy {result['accuracy']:.3f}, mean probability of the "
           f"prompted digit {result['prompted_probability']:.3f}, mean top probability "
           f"{result['top_probability']:.3f} with {e['config']}'s prompts, steps, guidance and size "

@@ -14,7 +14,7 @@ from cluster.cli import main
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.algorithm=ppo"],
-     "ddpo: error: train.algorithm: must be one of ['ddpo_is', 'ddpo_sf', 'rwr'], got 'ppo'"),
+     "ddpo: error: train.algorithm: must be one of ['ddpo_is', 'ddpo_sf', 'rwr', 'diffusion_nft'], got 'ppo'"),
     (["--set", "reward.name=aesthetic_score"],
      "ddpo: error: reward.name: unknown reward 'aesthetic_score'; choose one of"),
     (["--set", "model.pretrained=/nonexistent/sd15"],

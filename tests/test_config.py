@@ -30,7 +30,7 @@ def test_yaml_file_then_set(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (["train.learning_rat=1"], "train.learning_rat: unknown config key (did you mean 'train.learning_rate'?)"),
-    (["train.algorithm=ppo"], "train.algorithm: must be one of ['ddpo_is', 'ddpo_sf', 'rwr'], got 'ppo'"),
+    (["train.algorithm=ppo"], "train.algorithm: must be one of ['ddpo_is', 'ddpo_sf', 'rwr', 'diffusion_nft'], got 'ppo'"),
     (["sample.num_steps=ten"], "sample.num_steps: expected an integer, got 'ten'"),
     (["sample.eta=0"], "sample.eta: must be > 0"),
     (["train.timestep_fraction=1.5"], "train.timestep_fraction: must be in (0, 1]"),
@@ -46,6 +46,7 @@ def test_yaml_file_then_set(tmp_path):
     (["checkpoint_every_s=-1"], "checkpoint_every_s: must be >= 0 (0 = no checkpoints by time)"),
     (["checkpoint_every_s=.inf"], "checkpoint_every_s: expected a finite number"),
     (["cluster.stop_grace_s=0"], "cluster.stop_grace_s: must be > 0"),
+    (["model.max_sequence_length=0"], "model.max_sequence_length: must be >= 1 (or null: the model's own), got 0"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:
@@ -168,3 +169,76 @@ def test_more_bad_values_are_one_line_errors(override, message):
                                      "head.example.com:6379"])
 def test_address_forms(address):
     assert load_config(None, [f"cluster.address='{address}'"]).cluster.address == address
+
+
+# -- SDE windows, CPS and DiffusionNFT -------------------------------------------------------------
+
+FLOW = ["model.pretrained=builtin:digits-flow", "sample.num_steps=10", "sample.guidance_scale=1"]
+NFT = ["train.algorithm=diffusion_nft"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["sample.sde_window=6", "sample.sde_window_range=[0, 5]"],
+     "sample.sde_window: a window of 6 steps does not fit in sample.sde_window_range [0, 5]"),
+    (["sample.sde_window=11", "sample.sde_window_range=[0, 10]"],
+     "sample.sde_window: a window of 11 steps does not fit in sample.sde_window_range [0, 10]"),
+    (["sample.sde_window=2", "sample.sde_window_range=[0, 12]"],
+     "sample.sde_window_range: must satisfy 0 <= first < end <= sample.num_steps (10), got [0, 12]"),
+    (["sample.sde_window=2", "sample.sde_window_range=[5, 5]"],
+     "sample.sde_window_range: must satisfy 0 <= first < end <= sample.num_steps (10), got [5, 5]"),
+    (["sample.sde_window=2", "sample.sde_window_range=[0]"], "sample.sde_window_range: expected [first, end), got [0]"),
+    (["sample.sde_window=-1"], "sample.sde_window: must be >= 0"),
+    (["sample.sde_window=2", "sample.sde_window_shift=0"], "sample.sde_window_shift: must be >= 1"),
+    (["sample.sde_window=2", "sample.sde_window_interval=0"], "sample.sde_window_interval: must be >= 1"),
+    (["sample.sde_window_schedule=fixed"], "sample.sde_window_schedule: must be one of ['random', 'sliding']"),
+    (["sample.sde_type=cps"], "sample.sde_type: cps has no noise at the last step"),  # every step: the last too
+    (["sample.sde_type=cps", "sample.sde_window=2", "sample.sde_window_range=[5, 10]"],
+     "sample.sde_type: cps has no noise at the last step"),
+    (["train.algorithm=rwr", "sample.sde_window=2"], "sample.sde_window: rwr trains on the final image x_0"),
+    (NFT + ["sample.sde_window=2"], "sample.sde_window: diffusion_nft samples by the plain ODE"),
+    (NFT + ["sample.guidance_scale=4.5"], "sample.guidance_scale: diffusion_nft is CFG-free"),
+    (NFT + ["sample.sde_type=cps"], "sample.sde_type: diffusion_nft samples by the plain ODE, with no SDE step"),
+    (NFT + ["train.nft_beta=0"], "train.nft_beta: must be > 0"),
+    (NFT + ["train.nft_decay_rate=-0.1"], "train.nft_decay_rate: must be >= 0"),
+    (NFT + ["train.nft_decay_max=1"], "train.nft_decay_max: must be in [0, 1)"),
+])
+def test_bad_windows_and_step_types_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, FLOW + override)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_windows_and_nft_that_fit_load():
+    config = load_config(None, FLOW + ["sample.sde_type=cps", "sample.sde_window=3", "sample.sde_window_range=[0, 9]"])
+    assert config.sample.stored_steps == 3
+    assert load_config(None, FLOW + ["sample.sde_window=10", "sample.sde_window_range=[0, 10]"]).sample.stored_steps == 10
+    assert load_config(None, FLOW + NFT).train.algorithm == "diffusion_nft"
+    # without a window the range is unused: a schedule shorter than its default [0, 5) loads
+    assert load_config(None, ["sample.num_steps=3"]).sample.stored_steps == 3
+
+
+@pytest.mark.parametrize("pretrained, family", [("builtin:tiny", "StableDiffusion"), ("builtin:digits", "StableDiffusion")])
+def test_ddim_families_refuse_flow_settings_naming_the_field(pretrained, family):
+    from ddpo.pipeline import check_family_settings
+
+    base = [f"model.pretrained={pretrained}", "sample.num_steps=10", "sample.guidance_scale=1"]
+    check_family_settings(load_config(None, base))  # DDPO's settings: accepted
+    for override, field in ((["sample.sde_window=2"], "sample.sde_window"), (NFT, "train.algorithm")):
+        with pytest.raises(ConfigError) as info:
+            check_family_settings(load_config(None, base + override))
+        message = str(info.value)
+        assert message.startswith(f"{field}: ") and f"'{pretrained}' is a {family} model" in message, message
+        assert "\n" not in message
+    cps = load_config(None, base)
+    cps.sample.sde_type = "cps"  # no window (which the validation refuses for cps) to be refused first
+    with pytest.raises(ConfigError, match=r"^sample\.sde_type: cps is a flow-matching step; StableDiffusion steps "
+                                          r"with DDIM .*'" + pretrained + "' is a StableDiffusion model\\)$"):
+        check_family_settings(cps)
+
+
+def test_the_flow_family_takes_windows_cps_and_nft():
+    from ddpo.pipeline import check_family_settings
+
+    for override in (["sample.sde_window=2"], ["sample.sde_type=cps", "sample.sde_window=2"], NFT):
+        check_family_settings(load_config(None, FLOW + override))

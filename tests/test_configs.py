@@ -65,6 +65,75 @@ def test_sd15_reward_params_fit_their_reward(name):
     check_reward(config.reward.name, config.reward.params)  # no model loads
 
 
+# the flow-matching recipes (their headers cite the public code): what defines each method. The
+# LoRA on the public code's modules: `attn.*` leaves out SD3.5-Medium's second self-attention attn2
+ATTN = [f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                     "to_add_out")]
+FLUX_LORA = ATTN + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # scripts/train_flux.py
+FLOW_RECIPES = {
+    "sd35_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_sd3, scripts/train_sd3.py
+        "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
+        "sample.guidance_scale": 4.5, "train.cfg": True, "sample.sde_window": 0, "sample.sde_type": "flow_grpo",
+        "sample.noise_level": 0.7, "train.algorithm": "ddpo_is", "train.clip_range": 1e-4, "train.kl_coef": 0.01,
+        "train.timestep_fraction": 0.99, "advantage.group_size": 24, "advantage.global_std": True,
+        "lora.rank": 32, "lora.alpha": 64.0, "lora.target_modules": ATTN, "model.max_sequence_length": 128,
+        "optimizer_steps": 2},
+    "flux_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_flux, scripts/train_flux.py
+        "model.pretrained": "black-forest-labs/FLUX.1-dev", "sample.num_steps": 6, "sample.guidance_scale": 3.5,
+        "sample.sde_window": 0, "sample.sde_type": "flow_grpo", "sample.noise_level": 0.9,
+        "train.algorithm": "ddpo_is", "train.clip_range": 1e-4, "train.kl_coef": 0.0, "train.timestep_fraction": 0.99,
+        "advantage.group_size": 24, "advantage.global_std": True, "lora.rank": 64, "lora.alpha": 128.0,
+        "lora.target_modules": FLUX_LORA, "model.max_sequence_length": 128, "optimizer_steps": 2},
+    "sd35_nft_pickscore.yaml": {  # NVlabs/DiffusionNFT config/nft.py sd3_pickscore
+        "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
+        "sample.guidance_scale": 1.0, "sample.sde_window": 0, "train.algorithm": "diffusion_nft",
+        "train.nft_beta": 1.0, "train.nft_decay_rate": 0.001, "train.nft_decay_max": 0.5,
+        "train.nft_adaptive_weight": True, "train.kl_coef": 1e-4, "train.timestep_fraction": 0.99,
+        "advantage.group_size": 24, "advantage.global_std": True, "lora.rank": 32, "lora.alpha": 64.0,
+        "lora.target_modules": ATTN, "model.max_sequence_length": 128, "optimizer_steps": 1},
+    "sd35_fast_cps_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_sd3_fast_nocfg
+        "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
+        "sample.guidance_scale": 1.0, "train.cfg": False, "sample.sde_window": 3, "sample.sde_window_range": [0, 5],
+        "sample.sde_window_schedule": "random", "sample.sde_type": "cps", "sample.noise_level": 0.8,
+        "train.algorithm": "ddpo_is", "train.clip_range": 1e-5, "train.kl_coef": 0.0, "train.timestep_fraction": 1.0,
+        "advantage.group_size": 18, "advantage.global_std": True, "lora.rank": 32, "lora.alpha": 64.0,
+        "lora.target_modules": ATTN, "model.max_sequence_length": 128, "optimizer_steps": 2},
+    "flux_fast_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_flux_fast
+        "model.pretrained": "black-forest-labs/FLUX.1-dev", "sample.num_steps": 6, "sample.guidance_scale": 3.5,
+        "sample.sde_window": 3, "sample.sde_window_range": [0, 3], "sample.sde_type": "cps",
+        "sample.noise_level": 0.8, "train.algorithm": "ddpo_is", "train.clip_range": 1e-5, "train.kl_coef": 0.0,
+        "train.timestep_fraction": 1.0, "advantage.group_size": 24, "advantage.global_std": False,
+        "lora.rank": 64, "lora.alpha": 128.0, "model.max_sequence_length": 128, "optimizer_steps": 2,
+        "lora.target_modules": FLUX_LORA},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_RECIPES))
+def test_flow_configs_carry_the_published_recipes(name):
+    from cluster.placement import Devices, resolve_layout
+
+    config = load_config(CONFIGS / name)
+    t = config.train
+    steps = config.samples_per_epoch * t.num_inner_epochs // (t.batch_size * t.gradient_accumulation_steps)
+    got = {key: steps if key == "optimizer_steps" else _field(config, key) for key in FLOW_RECIPES[name]}
+    assert got == FLOW_RECIPES[name]
+    assert (config.model.dtype, config.sample.height, config.sample.width) == ("bfloat16", 512, 512)
+    assert (config.samples_per_epoch, config.advantage.mode) == (1152, "group")
+    assert (t.learning_rate, t.adv_clip_max) == (3e-4, 5.0)
+    assert config.load_prompts()
+    # colocated on 8 GPUs: a sampler and a learner rank on each, the reward in what is left
+    devices = Devices.of(resolve_layout(config, {"CPU": 96.0, "GPU": 8.0}).cluster)
+    pairs = [names for names in devices.members if not names[0].startswith("reward")]
+    assert len(pairs) == 8 and all(len(names) == 2 for names in pairs) and devices.totals()["GPU"] <= 8
+
+
+def _field(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def test_prompt_sets():
     imagenet = _lines(CONFIGS / "prompts" / "imagenet_animals.txt")  # ImageNet-1k classes 0-397
     assert (imagenet[0], imagenet[1], imagenet[-1]) == ("tench", "goldfish", "pufferfish")

@@ -64,6 +64,20 @@ def test_a_scheduler_the_ddim_step_cannot_follow_is_refused_at_load(tmp_path, fo
         load_pipeline(str(tmp_path / "sd"))
 
 
+def test_the_t5_sequence_length_is_the_configs(folders):
+    """`model.max_sequence_length`: the T5 tokens of an SD3 prompt (zeros without T5, after its 77
+    CLIP tokens) or a FLUX one, the pipeline's default when unset; refused in one line by a family
+    that has none."""
+    for name, default, clip_tokens in (("sd3", 256, 77), ("flux", 512, 0)):
+        assert load_pipeline(folders[name]).max_sequence_length == default
+        model = load_pipeline(folders[name], max_sequence_length=5)
+        cond, _ = model.encode(PROMPTS, with_negative=False)
+        assert model.max_sequence_length == 5 and cond["prompt_embeds"].shape[1] == clip_tokens + 5, name
+    with pytest.raises(ModelLoadError, match=r"^model.max_sequence_length: '.*' is a StableDiffusionPipeline, "
+                                             r"which has no T5 sequence length [^\n]*$"):
+        load_pipeline(folders["sd"], max_sequence_length=5)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_stored_and_recomputed_log_probs_agree(folders, name):
     """|ratio - 1| < 1e-4 for every step of every sample, all steps rescored in one batch."""
@@ -120,3 +134,34 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     # two minibatches of 4, an optimizer step after each: the second is scored by a policy that has
     # left the reference (the adapter disabled), so the KL to it is positive
     assert metrics["kl_ref"] > 0
+
+
+@pytest.mark.parametrize("name, settings", [
+    # DiffusionNFT, the sampler one version ahead (separate devices): the second update trains on
+    # samples of the old policy one version before the learner's
+    ("sd3", {"train.algorithm": "diffusion_nft", "sample.guidance_scale": 1.0, "cluster.max_policy_lag": 1,
+             "num_epochs": 2}),
+    # a window of 2 CPS steps in a 4-step ODE schedule
+    ("flux", {"sample.sde_window": 2, "sample.sde_type": "cps", "sample.sde_window_range": "[0,3]",
+              "num_epochs": 1}),
+])
+def test_the_flow_methods_through_ray(ray_session, folders, name, settings, tmp_path):
+    from cluster.driver import Driver
+    from cluster.run_dir import make_run_dir
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, **{"model.pretrained": folders[name], "advantage.mode": "group",
+                                      "advantage.group_size": 4, "cluster.num_samplers": 1,
+                                      "cluster.num_learners": 1, **settings})
+    driver = Driver(config, make_run_dir(config))
+    try:
+        history = driver.fit()
+    finally:
+        driver.shutdown()
+    assert [m["policy_version"] for m in history] == list(range(1, config.num_epochs + 1))
+    assert all(m["num_samples"] == 8 and np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in history)
+    if config.train.algorithm == "diffusion_nft":
+        assert history[-1]["policy_lag_mean"] == 1.0  # sampled by the old policy of version 0
+        assert [m["nft_decay"] for m in history] == [0.002, 0.004]  # 2 optimizer steps an epoch
+    else:  # the window's stored log-probs, recomputed by the learner before its first step
+        assert history[0]["logprob_mismatch_max"] <= 1e-4

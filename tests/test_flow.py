@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddpo.flow import sde_step_with_logprob
+from ddpo.flow import ode_step, sde_step_with_logprob
 from tests.float_error import EPS, gaussian_log_prob_error
 
 SHIFTS = [1.0, 3.0]  # diffusers' default, SD3's
@@ -190,3 +190,139 @@ def test_errors_are_one_line_value_errors():
         lambda: sde_step_with_logprob(scheduler, v, scheduler.timesteps[0], x, log_prob_reduction="max"))
     assert "one per sample" in _one_line_error(
         lambda: sde_step_with_logprob(scheduler, v, scheduler.timesteps[:3], x))
+
+
+# -- the ODE step outside an SDE window, and coefficients-preserving sampling (CPS) ---------------
+
+def _dynamic_scheduler(num_steps=10):
+    """FLUX's schedule: the shift from the image size (mu), as ddpo/families/sd3.py sets it."""
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler.set_timesteps(num_steps, mu=0.8)
+    return scheduler
+
+
+SCHEDULERS = {"shift1": lambda: _scheduler(1.0), "shift3": lambda: _scheduler(3.0), "dynamic": _dynamic_scheduler}
+
+
+@pytest.mark.parametrize("make_scheduler", SCHEDULERS.values(), ids=SCHEDULERS.keys())
+def test_ode_step_is_the_schedulers_euler_step(make_scheduler):
+    """Each step index, one timestep for the batch and then one per sample: the same float32
+    operations as FlowMatchEulerDiscreteScheduler.step (x + (sigma' - sigma) v): bit-equal."""
+    scheduler = make_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        reference = make_scheduler()  # a fresh scheduler: step() finds the index of t itself
+        expected = reference.step(v, t, x_t).prev_sample
+        torch.testing.assert_close(ode_step(scheduler, v, t, x_t), expected, rtol=0, atol=0)
+    indices = [0, steps // 2, steps - 1]
+    ours = ode_step(scheduler, v, scheduler.timesteps[indices], x_t)
+    for row, i in enumerate(indices):
+        expected = make_scheduler().step(v[row:row + 1], scheduler.timesteps[i], x_t[row:row + 1]).prev_sample
+        torch.testing.assert_close(ours[row:row + 1], expected, rtol=0, atol=0)
+
+
+def test_ode_step_in_bfloat16_upcasts_where_diffusers_multiplies_in_bfloat16():
+    """In bfloat16 diffusers forms dt * v in the model's dtype (a 0-d float32 times a bfloat16
+    tensor stays bfloat16) while ode_step takes it in float32: the two differ by at most that
+    product's bfloat16 rounding plus each result's own (and float32's, far smaller)."""
+    scheduler = _scheduler(3.0)
+    g = torch.Generator().manual_seed(1)
+    x_t, v = torch.randn(2, 4, 8, 8, generator=g).bfloat16(), torch.randn(2, 4, 8, 8, generator=g).bfloat16()
+    eps_bf16 = torch.finfo(torch.bfloat16).eps
+    for i, t in enumerate(scheduler.timesteps):
+        ours = ode_step(scheduler, v, t, x_t)
+        theirs = _scheduler(3.0).step(v, t, x_t).prev_sample
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        dt = float(scheduler.sigmas[i + 1]) - float(scheduler.sigmas[i])
+        exact = x_t.double() + dt * v.double()
+        step = (dt * v.double()).abs()
+        bound = eps_bf16 * (exact.abs() + step) + 4 * EPS * (x_t.double().abs() + step)
+        assert ((ours.double() - theirs.double()).abs() <= bound).all()
+
+
+def _cps_reference(scheduler, v, step_index, x_t, noise_level):
+    """CPS's Gaussian in float64, from Wang & Yu 2025 Eq. 8 written out independently:
+    x_0 = x - t v, eps = x + (1 - t) v, s = t' sin(a pi / 2), mu = (1 - t') x_0 + sqrt(t'^2 - s^2) eps;
+    and how far float32 may be from them (mean_error per element, std_error relative).
+    t'^2 - s^2 cancels: its float32 error is a few roundings of t'^2 + s^2, relative to t'^2 - s^2."""
+    sigmas = scheduler.sigmas.double()
+    t, t_next = float(sigmas[step_index]), float(sigmas[step_index + 1])
+    s = t_next * math.sin(noise_level * math.pi / 2)
+    noise_coef = math.sqrt(t_next**2 - s**2)
+    x, v = x_t.double(), v.double()
+    x0, eps = x - t * v, x + (1 - t) * v
+    mean = (1 - t_next) * x0 + noise_coef * eps
+    coef_error = 4 * EPS * (t_next**2 + s**2) / (t_next**2 - s**2) + 2 * EPS  # relative, of sqrt(t'^2 - s^2)
+    terms = (1 - t_next) * (x.abs() + t * v.abs()) + noise_coef * (x.abs() + (1 - t) * v.abs())
+    mean_error = STEP_ROUNDINGS * EPS * terms + coef_error * noise_coef * eps.abs()
+    return mean, torch.tensor(s, dtype=torch.float64), mean_error, STEP_ROUNDINGS * EPS
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("step_index", [0, 4, 8])  # 9 (t' = 0) is refused
+@pytest.mark.parametrize("noise_level", [0.3, 0.7])
+def test_cps_log_prob_matches_independent_gaussian_density(shift, step_index, noise_level):
+    scheduler = _scheduler(shift)
+    t = float(scheduler.timesteps[step_index])
+    g = torch.Generator().manual_seed(step_index)
+    x_t, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    x_next, log_prob, ours_mean, ours_std = sde_step_with_logprob(scheduler, v, t, x_t, noise_level=noise_level,
+                                                                  generator=g, sde_type="cps")
+    _, log_prob_sum, _, _ = sde_step_with_logprob(scheduler, v, t, x_t, noise_level=noise_level, prev_sample=x_next,
+                                                  log_prob_reduction="sum", sde_type="cps")
+    mean, std, mean_error, std_error = _cps_reference(scheduler, v, step_index, x_t, noise_level)
+    assert ((ours_mean.double() - mean).abs() <= mean_error).all()
+    assert ((ours_std.double() - std).abs() <= std_error * std).all()
+    density = torch.distributions.Normal(mean, std).log_prob(x_next.double())
+    for reduction, ours, exact in (("mean", log_prob, density.mean(dim=(1, 2, 3))),
+                                   ("sum", log_prob_sum, density.sum(dim=(1, 2, 3)))):
+        bound = gaussian_log_prob_error(x_next.double(), mean, std.expand(3, 1, 1, 1), mean_error, std_error,
+                                        reduction)
+        assert ((ours.double() - exact).abs() <= bound).all(), (reduction, ours, exact, bound)
+
+
+@pytest.mark.parametrize("step_index", [0, 3, 8])
+def test_cps_keeps_the_marginals_coefficients(step_index):
+    """With the true velocity v = eps - x_0 at x_t = (1 - t) x_0 + t eps, CPS's mean is
+    (1 - t') x_0 + sqrt(t'^2 - s^2) eps, and its sample (1 - t') x_0 + [sqrt(t'^2 - s^2) eps + s z]:
+    the marginal's coefficient of x_0 and a total noise of variance exactly t'^2 (no excess noise)."""
+    scheduler = _scheduler(3.0)
+    g = torch.Generator().manual_seed(step_index)
+    x0, eps = torch.randn(2, 1024, 4, generator=g, dtype=torch.float64), torch.randn(2, 1024, 4, generator=g,
+                                                                                        dtype=torch.float64)
+    t, t_next = float(scheduler.sigmas[step_index]), float(scheduler.sigmas[step_index + 1])
+    x_t, v = ((1 - t) * x0 + t * eps).float(), (eps - x0).float()
+    noise_level = 0.7
+    x_next, _, mean, std = sde_step_with_logprob(scheduler, v, scheduler.timesteps[step_index], x_t,
+                                                 noise_level=noise_level, generator=g, sde_type="cps")
+    s = t_next * math.sin(noise_level * math.pi / 2)
+    noise_coef = math.sqrt(t_next**2 - s**2)
+    assert noise_coef**2 + s**2 == pytest.approx(t_next**2, rel=4 * torch.finfo(torch.float64).eps)
+    # the mean, from x_t and v rounded to float32: the float32 roundings of the terms (x_0 - t v's
+    # cancellation leaves errors of the size of x_t and v, not of x_0)
+    expected = (1 - t_next) * x0 + noise_coef * eps
+    terms = (1 - t_next) * (x_t.double().abs() + t * v.double().abs()) + noise_coef * (
+        x_t.double().abs() + (1 - t) * v.double().abs())
+    assert ((mean.double() - expected).abs() <= STEP_ROUNDINGS * EPS * terms).all()
+    # the sample's noise part n = x' - (1 - t') x_0 on 4096 elements per sample: variance t'^2 and
+    # regression coefficient on eps sqrt(t'^2 - s^2) (z is independent of eps)
+    noise = x_next.double() - (1 - t_next) * x0
+    n = noise[0].numel()
+    variance = noise.pow(2).mean(dim=(1, 2))
+    assert ((variance / t_next**2 - 1).abs() < 5 * math.sqrt(2 / n)).all()  # 5 standard errors
+    coef = (noise * eps).sum(dim=(1, 2)) / eps.pow(2).sum(dim=(1, 2))
+    assert ((coef - noise_coef).abs() < 5 * s / math.sqrt(n)).all()  # 5 standard errors of s z's part
+    assert std.shape == (2, 1, 1) and float(std[0]) == pytest.approx(s, rel=STEP_ROUNDINGS * EPS)
+
+
+def test_cps_refuses_the_step_to_t_zero():
+    scheduler = _scheduler()
+    x, v = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    last = scheduler.timesteps[-1]
+    assert "t' = 0" in _one_line_error(lambda: sde_step_with_logprob(scheduler, v, last, x, sde_type="cps"))
+    mixed = scheduler.timesteps[[0, -1]]  # one sample's step is the last
+    assert "t' = 0" in _one_line_error(lambda: sde_step_with_logprob(scheduler, v, mixed, x, sde_type="cps"))
+    sde_step_with_logprob(scheduler, v, last, x)  # Flow-GRPO's last step has noise: allowed
+    assert "sde_type" in _one_line_error(lambda: sde_step_with_logprob(scheduler, v, last, x, sde_type="ode"))

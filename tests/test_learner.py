@@ -168,3 +168,52 @@ def test_a_checkpoint_is_whole_or_absent(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "run") == first
     assert {path.name: path.read_bytes() for path in first.iterdir()} == saved
     assert Learner(tiny_config(tmp_path)).load_checkpoint(first) == 1
+
+
+def test_logprob_mismatch_is_reported_and_catches_stored_log_probs_that_are_off(tmp_path):
+    """`logprob_mismatch_max`, max |ratio - 1| on the first minibatch before any update: within
+    the design's 1e-4 at lag 0, and 1 - e^-0.01 (within that 1e-4) when every stored log-prob is
+    0.01 too high."""
+    import math
+
+    small = {"sample.num_batches_per_epoch": 1, "train.timestep_fraction": 0.5}  # one minibatch, 2 of 4 steps
+    sampler = Sampler(tiny_config(tmp_path, **small))
+    batches = None
+    for algorithm in ("ddpo_is", "ddpo_sf"):
+        config = tiny_config(tmp_path, **{"train.algorithm": algorithm, **small})
+        for shift in (0.0, 0.01):
+            learner = Learner(config)  # the same initial LoRA as every learner's: the batches are on-policy
+            if batches is None:
+                sampler.set_weights(learner.weights())
+                batches = _epoch(config, sampler, 0)
+            fetch_rows = learner._fetch_rows
+
+            def shifted(*args, fetch_rows=fetch_rows, shift=shift):
+                batch = fetch_rows(*args)
+                batch.log_probs += shift
+                return batch
+
+            learner._fetch_rows = shifted
+            mismatch = learner.train(*batches)["logprob_mismatch_max"]
+            assert abs(mismatch - (1 - math.exp(-shift))) <= 1e-4, (algorithm, shift, mismatch)
+
+
+def test_logprob_mismatch_of_flow_sde_windows(tmp_path):
+    """CPS in a random SDE window of the flow model, two sample batches with windows at different
+    steps in one update: the learner rescores each stored step at its own timestep (ratio 1 within
+    1e-4); a learner that took the wrong step's timestep would be far off."""
+    from ddpo.config import load_config
+
+    config = load_config("configs/digits_flow.yaml", [
+        "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=8", "advantage.group_size=4",
+        "sample.sde_type=cps", "sample.sde_window=3", "sample.sde_window_range=[1, 9]", "eval_images=0",
+        "train.timestep_fraction=1.0", f"output_dir={tmp_path}"])
+    learner, sampler = Learner(config), Sampler(config)
+    sampler.set_weights(learner.weights())
+    specs = epoch_plan(config, config.load_prompts(), 1)
+    assert [spec.sde_start for spec in specs] == [2, 5]  # this seed's draws: two windows, apart
+    batches = [sampler.sample(s.batch_id, s.prompts, s.seeds, s.sde_start)[0] for s in specs]
+    rewards = [np.random.default_rng(b).random(4) for b in range(2)]
+    metrics = learner.train(EpochTrajectories.from_batches(batches), rewards)
+    assert metrics["logprob_mismatch_max"] <= 1e-4
+    assert learner.num_steps == 3

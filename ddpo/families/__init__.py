@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ddpo.config import SampleConfig
+from ddpo.config import Config, SampleConfig
 from ddpo.diffusion import GaussianStep
 
 # a prompt's conditioning: tensors with the batch first (text embeddings, pooled embeddings, ...)
@@ -92,6 +92,23 @@ class ModelFamily:
              generator=None) -> GaussianStep:
         """One stochastic step with the log-prob of its action (ddpo/diffusion.py, ddpo/flow.py)."""
         raise NotImplementedError
+
+    def ode_step(self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """One deterministic step of the probability-flow ODE (outside an SDE window)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Refuse, in one line (ValueError naming the field), settings this family cannot honour:
+        here, the flow-matching ones (an SDE window, CPS, DiffusionNFT); flow families allow them."""
+        if config.sample.sde_window:
+            raise ValueError(f"sample.sde_window: {cls.__name__} steps with DDIM, which has no SDE window; set it to 0")
+        if config.sample.sde_type != "flow_grpo":
+            raise ValueError(f"sample.sde_type: {config.sample.sde_type} is a flow-matching step; "
+                             f"{cls.__name__} steps with DDIM (remove the setting)")
+        if config.train.algorithm == "diffusion_nft":
+            raise ValueError(f"train.algorithm: diffusion_nft trains flow-matching models (SD3, FLUX); {cls.__name__} "
+                             "is a DDIM model: use ddpo_is, ddpo_sf or rwr")
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(x_t, the denoiser's training target) for the ordinary denoising loss (RWR)."""

@@ -14,7 +14,7 @@ from ddpo.families.sd3 import FlowMatchFamily
 class Flux(FlowMatchFamily):
     class_names = ("FluxPipeline",)
     pipeline_class = FluxPipeline
-    max_sequence_length = 512  # T5 tokens, the pipeline's default
+    max_sequence_length = 512  # T5 tokens, FluxPipeline's default (the instance's: model.max_sequence_length)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False  # guidance is distilled into the model (FLUX.1-dev) or absent (schnell)

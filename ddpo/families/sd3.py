@@ -10,17 +10,28 @@ from diffusers import StableDiffusion3Pipeline
 from ddpo.config import SampleConfig
 from ddpo.diffusion import GaussianStep
 from ddpo.families import Conditioning, ModelFamily
-from ddpo.flow import sde_step_with_logprob
+from ddpo.flow import ode_step, sde_step_with_logprob
 
 
 class FlowMatchFamily(ModelFamily):
     """What the flow-matching transformers share: a FlowMatchEulerDiscreteScheduler schedule,
-    the SDE step, x_t = (1 - sigma) x_0 + sigma eps with velocity v = eps - x_0."""
+    the SDE step (Flow-GRPO's or CPS), the ODE step outside an SDE window, x_t = (1 - sigma) x_0 +
+    sigma eps with velocity v = eps - x_0."""
 
     denoiser_name = "transformer"
-    # the attention projections of the joint (text + image) blocks, as Flow-GRPO
+    # the attention projections of every attention module; on SD3.5-Medium this also takes the
+    # second self-attention (attn2) of its dual-attention blocks, which Flow-GRPO leaves out (its
+    # `attn.*` list: configs/sd35_pickscore.yaml)
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0",
                             "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    max_sequence_length: int  # T5 tokens of a prompt (zeros without T5): the pipeline's default
+
+    def __init__(self, pipe, max_sequence_length: int | None = None):
+        """`max_sequence_length`: the T5 tokens of a prompt (`model.max_sequence_length`), as the
+        model was trained with; None keeps the pipeline's default."""
+        super().__init__(pipe)
+        if max_sequence_length is not None:
+            self.max_sequence_length = max_sequence_length
 
     def _image_seq_len(self, height: int, width: int) -> int:
         _, h, w = self.latent_shape(height, width)
@@ -46,11 +57,19 @@ class FlowMatchFamily(ModelFamily):
         scale = self.pipe.vae_scale_factor
         return self.pipe.vae.config.latent_channels, height // scale, width // scale
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """An SDE window, CPS and DiffusionNFT are all flow-matching methods: nothing to refuse."""
+
     def step(self, model_output, timesteps, latents, sample: SampleConfig, prev_sample=None,
              generator=None) -> GaussianStep:
         return sde_step_with_logprob(
             self.scheduler, model_output, timesteps, latents, noise_level=sample.noise_level,
-            prev_sample=prev_sample, generator=generator, log_prob_reduction=sample.log_prob_reduction)
+            prev_sample=prev_sample, generator=generator, log_prob_reduction=sample.log_prob_reduction,
+            sde_type=sample.sde_type)
+
+    def ode_step(self, model_output, timesteps, latents):
+        return ode_step(self.scheduler, model_output, timesteps, latents)
 
     def noised(self, x0, noise, timesteps):
         sigma = (timesteps.float() / self.scheduler.config.num_train_timesteps).reshape(-1, *[1] * (x0.ndim - 1))
@@ -68,8 +87,7 @@ class FlowMatchFamily(ModelFamily):
 class StableDiffusion3(FlowMatchFamily):
     class_names = ("StableDiffusion3Pipeline",)
     pipeline_class = StableDiffusion3Pipeline
-    # T5 tokens of the prompt (zeros without T5): the pipeline's default
-    max_sequence_length = 256
+    max_sequence_length = 256  # StableDiffusion3Pipeline's default
 
     def encode(self, prompts, with_negative):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
