@@ -35,7 +35,7 @@ test: $(VENV)/.test-installed
 # the numerically sensitive modules again on PyTorch's plain kernels, as a CPU with neither AVX2
 # nor AVX-512 runs them: their tolerances follow from the computation, not from one CPU's bits
 SENSITIVE = tests/test_learner_group.py tests/test_resume.py tests/test_families.py tests/test_learner.py \
-	tests/test_diffusion.py tests/test_flow.py tests/test_losses.py
+	tests/test_diffusion.py tests/test_flow.py tests/test_losses.py tests/test_sde_window.py tests/test_nft.py
 test-plain-kernels: $(VENV)/.test-installed
 	ATEN_CPU_CAPABILITY=default HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --no-loadscope-reorder \
 		$(SENSITIVE)

@@ -12,15 +12,15 @@ caption_projection_dim 1536, pooled_projection_dim 2048, pos_embed_max_size 384,
 qk_norm rms_norm, dual_attention_layers 0..12; about 2.2B parameters), SD3's VAE (16 latent channels,
 8x down, blocks 128/256/512/512, no quant convs, shift 0.0609, scale 1.5305), two CLIP text
 encoders with projection at the real widths (768 and 1280, projections 768 and 1280) but only 2
-layers each (they run once per prompt), word-level tokenizers, no T5 (its 256 tokens are zeros, as
+layers each (they run once per prompt), word-level tokenizers, no T5 (its 128 tokens are zeros, as
 the pipeline does without it), FlowMatchEulerDiscreteScheduler(shift=3.0). It is built on the
 device, cast to `--dtype`, saved to a scratch folder and loaded back through
 `ddpo.pipeline.load_policy` / `Learner`, as a downloaded folder would be. The weights are random,
 so the images mean nothing; the shapes, and so the time and memory, are the real model's.
 
 Settings (configs/sd35_pickscore.yaml's): 512x512, 10 SDE steps, guidance 4.5 (CFG), noise_level 0.7,
-LoRA rank 32 / alpha 64 on the family's default targets, DDPO-IS with clip_range 1e-4, 9 of the 10
-steps trained (timestep_fraction 0.99), CFG in training, KL to the reference 0.01 (one more
+128 T5 tokens, LoRA rank 32 / alpha 64 on the joint blocks' `attn.*` projections, DDPO-IS with
+clip_range 1e-4, 9 of the 10 steps trained (timestep_fraction 0.99), CFG in training, KL to the reference 0.01 (one more
 no-grad forward per step). Batches: sampler 8, learner minibatch 4 (halved on out-of-memory).
 
 Phases, in order; each one's peak GPU memory is `torch.cuda.max_memory_allocated` since its start:
@@ -176,12 +176,19 @@ def build_pipeline(size: Size, device: torch.device, dtype: torch.dtype, seed: i
         text_encoder_3=None, tokenizer_3=None)  # no T5: its tokens are zeros
 
 
+# configs/sd35_pickscore.yaml's, Flow-GRPO's: not the second self-attention (attn2) of SD3.5's
+# dual-attention blocks, which the family default would take too
+LORA_TARGETS = ("[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj, "
+                "attn.add_v_proj, attn.to_add_out]")
+
+
 def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | None = None,
                  train_batch: int | None = None) -> Config:
     """configs/sd35_pickscore.yaml's sampling and training settings on one GPU."""
     settings = {
         "model.pretrained": folder, "model.dtype": dtype or args.dtype, "model.device": args.device,
-        "lora.rank": args.lora_rank, "lora.alpha": args.lora_alpha,
+        "model.max_sequence_length": 128,
+        "lora.rank": args.lora_rank, "lora.alpha": args.lora_alpha, "lora.target_modules": LORA_TARGETS,
         "sample.num_steps": args.steps, "sample.guidance_scale": args.guidance_scale,
         "sample.noise_level": args.noise_level, "sample.height": size.resolution, "sample.width": size.resolution,
         "sample.batch_size": args.sample_batch, "sample.num_batches_per_epoch": args.batches,
@@ -477,7 +484,8 @@ def run(args, size: Size) -> dict:
             def call(prompts, seeds):
                 generators = [torch.Generator().manual_seed(seed) for seed in seeds]
                 return model.pipe(prompt=prompts, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                                  height=s.height, width=s.width, generator=generators, output_type="np").images
+                                  height=s.height, width=s.width, generator=generators, output_type="np",
+                                  max_sequence_length=model.max_sequence_length).images
 
             reset_peak(device)
             _, seconds = timed_batches(call, args.batches, args.sample_batch, device)

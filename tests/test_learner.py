@@ -217,3 +217,18 @@ def test_logprob_mismatch_of_flow_sde_windows(tmp_path):
     metrics = learner.train(EpochTrajectories.from_batches(batches), rewards)
     assert metrics["logprob_mismatch_max"] <= 1e-4
     assert learner.num_steps == 3
+
+
+def test_a_mismatch_above_1e_3_warns_once_naming_the_causes(tmp_path, capsys):
+    from cluster.run_dir import MISMATCH_WARN, RunRecorder
+
+    recorder = RunRecorder(tmp_path)
+    try:
+        for epoch, mismatch in enumerate([None, 2e-5, MISMATCH_WARN, 5e-3, 2e-2]):
+            recorder.warn_on_mismatch(epoch, mismatch)
+    finally:
+        recorder.tensorboard.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # above the threshold, the first time only
+    assert lines[0].startswith("warning: epoch 3:") and "5.0e-03" in lines[0]
+    assert all(cause in lines[0] for cause in ("dtype", "train.cfg", "attention backend"))
