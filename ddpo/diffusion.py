@@ -178,7 +178,7 @@ def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int]
 
     stored, log_probs = [], []
     for i, t in enumerate(timesteps):
-        if i == sde_steps.start:
+        if i == sde_steps.start and len(sde_steps):
             stored.append(latents)
         output = model.predict(latents, t, cond, negative, s.guidance_scale)
         if i in sde_steps:
