@@ -36,9 +36,11 @@ test: $(VENV)/.test-installed
 # nor AVX-512 runs them: their tolerances follow from the computation, not from one CPU's bits
 SENSITIVE = tests/test_learner_group.py tests/test_resume.py tests/test_families.py tests/test_learner.py \
 	tests/test_diffusion.py tests/test_flow.py tests/test_losses.py tests/test_sde_window.py tests/test_nft.py
+# (the model families' one-update Ray runs check the wiring, not the numbers: their log-probs are
+# held in-process in the same module)
 test-plain-kernels: $(VENV)/.test-installed
 	ATEN_CPU_CAPABILITY=default HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --no-loadscope-reorder \
-		$(SENSITIVE)
+		-k "not through_ray" $(SENSITIVE)
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py
