@@ -82,7 +82,8 @@ def diffusion_nft_loss(v_theta, v_old, v_target, sigma, r, beta, adv_clip_max, a
     policy's velocity (no gradient) and c = adv_clip_max, as the public code scales it. With
     `adaptive_weight` (the public code's default) each squared error is taken on the predicted
     x_0 = x_t - sigma v+-, whose error is sigma (v - v+-), and divided by that error's mean absolute
-    value (detached): the loss's scale does not depend on sigma or on how well the model fits."""
+    value (detached): the gradient, 2 e / mean|e| per element, is of unit scale whatever sigma or
+    the size of the error."""
     dims = tuple(range(1, v_theta.ndim))
     v_old = v_old.detach()
     v_pos = (1 - beta) * v_old + beta * v_theta
