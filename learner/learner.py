@@ -328,12 +328,29 @@ class Learner:
                 "logprob_mismatch_max": float(self._all_reduce(mismatch, dist.ReduceOp.MAX)),
                 "time_proximal_s": time_proximal}
 
+    def _forward_process(self, batch: TrainingBatch, x0: torch.Tensor, idx: torch.Tensor, idx_global: torch.Tensor,
+                         mine: torch.Tensor, steps: torch.Tensor):
+        """The stored x_0 of this rank's samples `idx` put back on the forward process at their
+        planned step indices `steps` [m, n] (of the stored timesteps), with fresh noise: (rows [m*n],
+        timesteps, x_t, the denoiser's target), on the model's device. The noise of the whole
+        minibatch `idx_global` is drawn, step by step, on every rank, so every rank makes the same
+        draws; a rank with no samples in the minibatch gets None."""
+        n = steps.shape[1]
+        noise = torch.stack([torch.randn((len(idx_global), *x0.shape[1:]), generator=self.generator)[mine]
+                             for _ in range(n)], dim=1)  # [m, n, ...]
+        if not len(mine):
+            return None
+        device = self.model.device
+        rows = idx[:, None].expand(len(idx), n).reshape(-1)
+        timestep = batch.timesteps[rows, steps.reshape(-1)].to(device)
+        x_t, target = self.model.noised(x0[rows].to(device), noise.reshape(-1, *x0.shape[1:]).to(device), timestep)
+        return rows, timestep, x_t, target
+
     def _train_rwr(self, batch: TrainingBatch, local: torch.Tensor, advantages: torch.Tensor,
                    plan) -> dict[str, float]:
         """Reward-weighted regression on the final samples x_0: the ordinary denoising loss at the
         trajectory's timesteps, each sample weighted by exp(A / beta) or a top-k 0/1 weight."""
         t = self.config.train
-        device = self.model.device
         num_train_steps = _num_train_steps(t, self.num_steps)
         weights = rwr_weights(advantages, beta=t.rwr_beta, top_fraction=t.rwr_top_fraction if t.rwr_sparse else None)
         cond, _ = self._embeddings(batch.prompts, with_negative=False)
@@ -346,19 +363,15 @@ class Learner:
             share = len(mine) / len(idx_global)
             idx = local[idx_global[mine]]
             for chunk in self._step_chunks(num_train_steps):
-                # the noise of the whole minibatch, step by step: the same draws on every rank
-                noise = torch.stack([torch.randn((len(idx_global), *x0.shape[1:]), generator=self.generator)[mine]
-                                     for _ in range(chunk.start, chunk.stop)], dim=1)  # [m, n, ...]
-                if not len(mine):
+                steps = steps_global[mine, chunk]
+                noised = self._forward_process(batch, x0, idx, idx_global, mine, steps)
+                if noised is None:
                     continue
-                m, n = noise.shape[:2]
-                rows = idx[:, None].expand(m, n).reshape(-1)
-                timestep = batch.timesteps[rows, steps_global[mine, chunk].reshape(-1)]
-                noise = noise.reshape(m * n, *x0.shape[1:])
-                noisy, target = self.model.noised(x0[rows], noise, timestep)
-                prediction = self.model.predict(noisy.to(device), timestep.to(device), take(cond, rows), None,
+                rows, timestep, noisy, target = noised
+                n = steps.shape[1]
+                prediction = self.model.predict(noisy, timestep, take(cond, rows), None,
                                                 self.config.sample.guidance_scale)
-                loss, _ = rwr_loss(prediction.float().cpu(), target, weights[idx_global[mine]].repeat_interleave(n))
+                loss, _ = rwr_loss(prediction.float().cpu(), target.cpu(), weights[idx_global[mine]].repeat_interleave(n))
                 (loss * (n * share * scale)).backward()
                 sums["loss"] += loss.item() * n * share
             if step_after:
@@ -393,16 +406,12 @@ class Learner:
             share = len(mine) / len(idx_global)
             idx = local[idx_global[mine]]
             for chunk in self._step_chunks(num_train_steps):
-                # the noise of the whole minibatch, step by step: the same draws on every rank
-                noise = torch.stack([torch.randn((len(idx_global), *x0.shape[1:]), generator=self.generator)[mine]
-                                     for _ in range(chunk.start, chunk.stop)], dim=1)  # [m, n, ...]
-                if not len(mine):
+                steps = steps_global[mine, chunk]
+                noised = self._forward_process(batch, x0, idx, idx_global, mine, steps)
+                if noised is None:
                     continue
-                m, n = noise.shape[:2]
-                rows = idx[:, None].expand(m, n).reshape(-1)
-                timestep = batch.timesteps[rows, steps_global[mine, chunk].reshape(-1)].to(device)
-                x_t, v_target = self.model.noised(x0[rows].to(device), noise.reshape(m * n, *x0.shape[1:]).to(device),
-                                                  timestep)
+                rows, timestep, x_t, v_target = noised
+                n = steps.shape[1]
                 with torch.no_grad(), active_adapter(denoiser, OLD):
                     v_old = predict(x_t, timestep, rows)
                 v_theta = predict(x_t, timestep, rows)
