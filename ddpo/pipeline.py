@@ -179,10 +179,7 @@ def load_pipeline(
         source = check_pretrained(pretrained, revision)
         source = str(BUILTIN_FOLDERS.get(source, source))
         index = model_index(source, revision)
-        try:
-            family = family_named(index.get("_class_name", "?"))
-        except ValueError as err:
-            raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
+        family = _family_in(pretrained, index)
         # components the folder does without (SD3 without T5): from_pretrained wants them named
         absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
         verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
@@ -229,20 +226,27 @@ def model_index(source: str, revision: str | None = None) -> dict:
     return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
 
 
-def check_family_settings(config) -> None:
+def _family_in(pretrained: str, index: dict) -> type[ModelFamily]:
+    """The family of a pipeline folder's model_index.json; a ModelLoadError naming
+    `model.pretrained` where no family serves its pipeline class."""
+    try:
+        return family_named(index.get("_class_name", "?"))
+    except ValueError as err:
+        raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
+
+
+def check_family_settings(config, family: type[ModelFamily] | None = None) -> None:
     """Refuse, with a ConfigError naming the field, settings that the model's family cannot
-    honour (an SDE window, CPS or DiffusionNFT on a DDIM model). Reads only model_index.json."""
+    honour (an SDE window, CPS or DiffusionNFT on a DDIM model). Without `family` (before the
+    model is loaded) it reads only model_index.json."""
     from ddpo.config import ConfigError
 
     pretrained = config.model.pretrained
-    if pretrained == BUILTIN_TINY:
+    if family is None and pretrained == BUILTIN_TINY:
         family = family_named("StableDiffusionPipeline")  # build_tiny_pipeline's
-    else:
-        source = str(BUILTIN_FOLDERS.get(pretrained, pretrained))
-        try:
-            family = family_named(model_index(source, config.model.revision).get("_class_name", "?"))
-        except ValueError as err:
-            raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
+    elif family is None:
+        family = _family_in(pretrained, model_index(str(BUILTIN_FOLDERS.get(pretrained, pretrained)),
+                                                    config.model.revision))
     try:
         family.check_config(config)
     except ValueError as err:
@@ -254,11 +258,10 @@ def load_policy(config) -> ModelFamily:
     `config.lora` on its denoiser (the same initial adapter everywhere, from `config.seed`)."""
     from ddpo.lora import attach_lora
 
-    check_family_settings(config)
-
     model = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
                           config.model.dtype, seed=config.seed,
                           max_sequence_length=config.model.max_sequence_length)
+    check_family_settings(config, type(model))
     lora = config.lora
     attach_lora(model.denoiser, lora.rank, lora.alpha, lora.target_modules or model.default_lora_targets,
                 seed=config.seed)
