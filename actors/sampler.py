@@ -1,7 +1,9 @@
 """The sampler: a diffusers pipeline (behind its family adapter) with the LoRA adapter,
 producing trajectories as Arrow.
 
-A plain class; the driver runs N of them as Ray actors named `sampler-<i>`.
+A plain class; the driver runs it as the Ray actors `sampler-<i>` of devices that only sample
+(the separate layout). A device that samples and trains holds one model for both
+(`actors.worker.ColocatedWorker`), which samples through the same `sample_batch`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,21 @@ import pyarrow as pa
 
 from ddpo.config import Config
 from ddpo.diffusion import sample_trajectories
+from ddpo.families import ModelFamily
 from ddpo.lora import LoraState, get_lora_state, load_lora_state
 from ddpo.pipeline import load_policy
 from ddpo.plan import sde_steps
 from ddpo.trajectory import LATENTS, to_record_batch
+
+
+def sample_batch(model: ModelFamily, config: Config, batch_id: str, prompts: list[str], seeds: list[int],
+                 sde_start: int, policy_version: int) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    """One sample batch with the model's active weights (its SDE window, if any, from step
+    `sde_start`): (the full trajectories, the same rows without latents). The reward pool and the
+    driver only need the second; the learner needs the first."""
+    trajectories = sample_trajectories(model, prompts, seeds, config.sample, sde_steps(config, sde_start))
+    batch = to_record_batch(trajectories, batch_id, policy_version)
+    return batch, batch.drop_columns([LATENTS])
 
 
 class Sampler:
@@ -34,12 +47,7 @@ class Sampler:
 
     def sample(self, batch_id: str, prompts: list[str], seeds: list[int],
                sde_start: int = 0) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-        """One sample batch (its SDE window, if any, from step `sde_start`): (the full
-        trajectories, the same rows without latents). The reward pool and the driver only need the
-        second; the learner needs the first."""
+        """One sample batch with the weights last set (`sample_batch`)."""
         if self.policy_version < 0:
             raise RuntimeError("sampler has no policy weights yet: call set_weights first")
-        trajectories = sample_trajectories(self.model, prompts, seeds, self.config.sample,
-                                           sde_steps(self.config, sde_start))
-        batch = to_record_batch(trajectories, batch_id, self.policy_version)
-        return batch, batch.drop_columns([LATENTS])
+        return sample_batch(self.model, self.config, batch_id, prompts, seeds, sde_start, self.policy_version)

@@ -335,7 +335,7 @@ def train(args) -> int:
     import ray
 
     from cluster.driver import ActorLost, Driver
-    from cluster.metrics import bottleneck_hint, busy_summary
+    from cluster.metrics import bottleneck_hint, busy_summary, usage_line
     from cluster.run_dir import make_run_dir, resume_checkpoint, start_tensorboard
 
     if args.resume is None:
@@ -408,6 +408,7 @@ def train(args) -> int:
         busy = busy_summary(history)
         print(f"busy: samplers {busy['sampler']:.0%}, learners {busy['learner']:.0%}, "
               f"reward actors {busy['reward']:.0%}")
+        print(usage_line(history))
         hint = bottleneck_hint(busy, driver.config.cluster.layout, driver.config.cluster.max_policy_lag)
         if hint:
             print(f"bottleneck: {hint}")

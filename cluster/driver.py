@@ -28,7 +28,7 @@ from cluster import ACTOR_ENV
 from cluster.metrics import ROLES, DriverMetrics, install_grafana_dashboard
 from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
-from cluster.remote_policy import LearnerActor, SamplerActor
+from cluster.remote_policy import LearnerActor, SamplerActor, WorkerActor
 from cluster.reward_pool import RewardPool
 from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint, resume_checkpoint, with_rewards
 from ddpo.config import Config
@@ -100,24 +100,27 @@ class Driver:
         self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
         self.metrics = DriverMetrics()
         self.grafana_dashboard = self._install_grafana_dashboard()
-        self.recorder = RunRecorder(run_dir)
+        self.recorder = RunRecorder(run_dir, self.placement.devices.num_devices)
         # set by a stop signal (`ddpo train`: Ctrl-C, SIGTERM, SIGHUP): fit() returns at the next
         # safe point (see fit), and the caller writes the checkpoint
         self.stop_requested = stop_requested or threading.Event()
-        self.learners, self.samplers, self.reward_actors = [], [], []
+        # the learner group's ranks (`learner-<r>`, or `worker-<r>` where rank r also samples); the
+        # samplers by index: a worker, or a `sampler-<i>` of its own (`plain_samplers`)
+        self.learners, self.learner_names, self.samplers, self.reward_actors = [], [], [], []
+        self.plain_samplers: dict[int, object] = {}
         try:
             self.reward_actors = [self._start(RewardActor, f"reward-{i}", config.reward, restartable=True)
                                   for i in range(c.num_reward_actors)]
             if c.reward.num_gpus > 0:  # a vLLM engine sizes its cache from the GPU memory free at
                 self._wait_ready(self.reward_actors)  # its start: start it before the diffusers actors
-            self.samplers = [self._start(SamplerActor, f"sampler-{i}", config, restartable=True)
-                             for i in range(c.num_samplers)]
-            self.start_learners(loading=[*self.reward_actors, *self.samplers])
+            self.plain_samplers = {i: self._start(SamplerActor, f"sampler-{i}", config, restartable=True)
+                                   for i in range(c.num_samplers) if f"sampler-{i}" in self.placement.devices.asks}
+            self.start_learners(loading=[*self.reward_actors, *self.plain_samplers.values()])
         except Exception:
             self.shutdown()
             raise
         self.reward_pool = self._reward_pool()
-        self.busy_seconds = dict.fromkeys(self.named_actors, 0.0)  # per actor, at the last epoch's end
+        self.reports: dict[str, dict] = {}  # per actor, its `report()` at the last epoch's end
         self.learner_restarts = 0  # the learner group's, by `recover_learners`
         self.in_flight: deque[list[SampleTask]] = deque()  # sampling submitted, an epoch per entry
         self.next_epoch = 0  # the first epoch whose sampling is not submitted yet
@@ -154,8 +157,13 @@ class Driver:
         other actors just started, waited for with the ranks, so that an error in any of their
         constructors (a reward that fails to load) ends the start before the ranks have loaded."""
         c = self.config.cluster
-        self.learners = [self._start(LearnerActor, f"learner-{rank}", self.config, rank, c.num_learners)
-                         for rank in range(c.num_learners)]
+        self.learner_names = [f"worker-{rank}" if f"worker-{rank}" in self.placement.devices.asks else f"learner-{rank}"
+                              for rank in range(c.num_learners)]
+        self.learners = [self._start(WorkerActor if name.startswith("worker-") else LearnerActor, name, self.config,
+                                     rank, c.num_learners)
+                         for rank, name in enumerate(self.learner_names)]
+        self.samplers = [self.plain_samplers[i] if i in self.plain_samplers else self.learners[i]
+                         for i in range(c.num_samplers)]
         self._wait_ready([*self.learners, *loading])
         if len(self.learners) == 1:
             return
@@ -165,8 +173,8 @@ class Driver:
 
     @property
     def named_actors(self) -> dict[str, object]:
-        return {**{f"learner-{r}": a for r, a in enumerate(self.learners)},
-                **{f"sampler-{i}": a for i, a in enumerate(self.samplers)},
+        return {**dict(zip(self.learner_names, self.learners)),
+                **{f"sampler-{i}": a for i, a in self.plain_samplers.items()},
                 **{f"reward-{i}": a for i, a in enumerate(self.reward_actors)}}
 
     @property
@@ -201,7 +209,7 @@ class Driver:
                      if a._actor_id.hex() == getattr(err, "actor_id", None)), None)
         name = name or next(iter(self.dead_learners()), "an actor")
         what = "was not restarted"
-        if name.startswith("learner-") and self.learner_restarts:
+        if name in self.learner_names and self.learner_restarts:
             n = self.learner_restarts
             what = f"the learner group had its {n} restart{'s' if n > 1 else ''} (cluster.learner_max_restarts)"
         return f"the actor '{name}' died and {what}; {self.resume_hint()}"
@@ -219,9 +227,14 @@ class Driver:
     # -- stages -------------------------------------------------------------------------------
 
     def broadcast(self) -> None:
-        """Put the learner's LoRA into the object store once. Every sample task from now on
-        carries the one ref; a sampler loads it in place before its next batch. Because each
-        task carries its weights, a task Ray retries on a restarted sampler has them too."""
+        """Put the learner's LoRA into the object store once, for the samplers of their own
+        devices (a worker samples with its rank's weights in place: none when every sampler is
+        one). Every sample task from now on carries the one ref; a sampler loads it in place
+        before its next batch. Because each task carries its weights, a task Ray retries on a
+        restarted sampler has them too."""
+        if not self.plain_samplers:
+            self.weights = (self.policy_version, [])
+            return
         weights_ref = self.learners[0].weights.remote()  # every rank holds the same weights
         ray.wait([weights_ref], fetch_local=False)
         self.weights = (self.policy_version, [weights_ref])  # in a list: resolved only on a new version
@@ -305,19 +318,27 @@ class Driver:
         return (is_checkpoint_epoch(self.config, epoch)
                 or (every_s > 0 and time.monotonic() - self.last_checkpoint_at >= every_s))
 
-    def busy_fractions(self, seconds: float) -> dict[str, float]:
-        """Each role's busy fraction since the last call, over `seconds` of wall time: the
-        share of its actors' time spent working (colocated actors share a device)."""
-        names = list(self.busy_seconds)
-        now = dict(zip(names, ray.get([self.named_actors[n].busy_seconds.remote() for n in names])))
-        busy, counts = dict.fromkeys(ROLES, 0.0), dict.fromkeys(ROLES, 0)
+    def usage(self, seconds: float) -> dict[str, float | None]:
+        """Since the last call, over `seconds` of wall time: each role's busy fraction (the share
+        of its actors' time spent working: a worker counts in both of its roles), the denoisers'
+        MFU (`actors.usage`; None where a device's peak is unknown), and the actors' memory now:
+        the sum of their resident memory and of their GPU tensors' peaks."""
+        names = list(self.named_actors)
+        now = dict(zip(names, ray.get([self.named_actors[n].report.remote() for n in names])))
+        busy, counts, flops = dict.fromkeys(ROLES, 0.0), dict.fromkeys(ROLES, 0), 0.0
         for name in names:  # a restarted actor counts from its restart
-            role = name.split("-")[0]
-            before = self.busy_seconds[name] if now[name] >= self.busy_seconds[name] else 0.0
-            busy[role] += now[name] - before
-            counts[role] += 1
-        self.busy_seconds = now
-        return {role: busy[role] / (counts[role] * seconds) for role in ROLES}
+            before = self.reports.get(name, {"busy": {}, "flops": 0.0})
+            for role, seconds_busy in now[name]["busy"].items():
+                earlier = before["busy"].get(role, 0.0)
+                busy[role] += seconds_busy - (earlier if seconds_busy >= earlier else 0.0)
+                counts[role] += 1
+            flops += now[name]["flops"] - (before["flops"] if now[name]["flops"] >= before["flops"] else 0.0)
+        self.reports = now
+        peaks = [now[name]["peak_flops"] for name in names if not name.startswith("reward-")]
+        return {**{f"busy_{role}": busy[role] / (counts[role] * seconds) for role in ROLES},
+                "mfu": flops / (seconds * sum(peaks)) if None not in peaks else None,
+                "actors_rss_bytes": sum(report["rss_bytes"] for report in now.values()),
+                "actors_gpu_peak_bytes": sum(report["gpu_peak_bytes"] for report in now.values())}
 
     def fit(self, start_epoch: int = 0) -> list[dict]:
         """Train from `start_epoch` to the end; returns the epochs' metrics. When a stop is asked
@@ -399,7 +420,7 @@ class Driver:
         # epoch is recorded (none after a stop signal: this epoch is the last)
         if not self.stop_requested.is_set():
             self.sample_up_to(epoch + 1 + max_lag)
-        busy = self.busy_fractions(time_epoch)
+        usage = self.usage(time_epoch)
 
         # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
         if self.checkpoint_due(epoch):
@@ -410,8 +431,7 @@ class Driver:
                 epoch, self.policy_version,
                 table=pa.Table.from_batches(trajectories),
                 scored=[scored[task.spec.batch_id] for task in tasks],
-                learner_metrics={**learner_metrics, **{f"busy_{role}": busy[role] for role in ROLES},
-                                 "learner_restarts": self.learner_restarts},
+                learner_metrics={**learner_metrics, **usage, "learner_restarts": self.learner_restarts},
                 dropped_stale=len(tasks) - len(fresh),
                 # sampling may have started during the last epoch's recording (lag 0) or epochs
                 # before (lag >= 1): the time it held this epoch up counts
@@ -430,11 +450,11 @@ class Driver:
         """The learner ranks that have died (a live rank answers on its report thread, also
         while it waits in a collective)."""
         dead = []
-        for rank, learner in enumerate(self.learners):
+        for name, learner in zip(self.learner_names, self.learners):
             try:
-                ray.get(learner.busy_seconds.remote(), timeout=LIVENESS_TIMEOUT_S)
+                ray.get(learner.report.remote(), timeout=LIVENESS_TIMEOUT_S)
             except ray.exceptions.RayActorError:
-                dead.append(f"learner-{rank}")
+                dead.append(name)
             except ray.exceptions.GetTimeoutError:
                 pass
         return dead
@@ -462,7 +482,7 @@ class Driver:
             ray.kill(learner)
         for learner in self.learners:  # their names are free once Ray has them dead
             with contextlib.suppress(ray.exceptions.RayActorError):
-                ray.get(learner.busy_seconds.remote())
+                ray.get(learner.report.remote())
         self.start_learners()
         self.policy_version = 0
         checkpoint = latest_checkpoint(self.run_dir)

@@ -24,6 +24,19 @@ def busy_summary(history: list[dict]) -> dict[str, float]:
     return {role: sum(m[f"busy_{role}"] * m["time_epoch_s"] for m in history) / seconds for role in ROLES}
 
 
+def usage_line(history: list[dict]) -> str:
+    """One line: the run's images per device-second and MFU (over its epochs' wall time), and
+    its actors' memory at the end."""
+    seconds = sum(m["time_epoch_s"] for m in history)
+    per_device_s = sum(m["images_per_device_s"] * m["time_epoch_s"] for m in history) / seconds
+    mfus = [m["mfu"] for m in history]
+    mfu = f", MFU {sum(x * m['time_epoch_s'] for x, m in zip(mfus, history)) / seconds:.1%}" if None not in mfus else ""
+    last = history[-1]
+    gpu = f", GPU peak {last['actors_gpu_peak_bytes'] / 2**30:.2f} GiB" if last["actors_gpu_peak_bytes"] else ""
+    return (f"throughput: {per_device_s:.3g} images per device-second{mfu}; actors' memory: "
+            f"{last['actors_rss_bytes'] / 2**30:.2f} GiB resident{gpu}")
+
+
 def bottleneck_hint(busy: dict[str, float], layout: str, max_policy_lag: int) -> str | None:
     """One line naming the count to raise when the samplers or learners idle more than half the
     time (a reward actor that idles costs little: it holds no device); None when none does."""
@@ -108,6 +121,10 @@ class DriverMetrics:
         "ddpo_loss": "mean training loss of the update",
         "ddpo_samples_per_second": "samples trained per second of the epoch",
         "ddpo_weight_sync_seconds": "seconds to put a LoRA version in the object store and hand it out",
+        "ddpo_images_per_device_s": "images sampled per device-second of the epoch",
+        "ddpo_mfu": "the denoisers' model FLOPs utilization of the devices' peak (GPU)",
+        "ddpo_actors_rss_bytes": "resident memory of the run's actors, summed",
+        "ddpo_actors_gpu_peak_bytes": "peak GPU memory of the run's actors' tensors, summed",
     }
 
     def __init__(self):
@@ -134,9 +151,13 @@ class DriverMetrics:
             "ddpo_loss": metrics["loss"],
             "ddpo_samples_per_second": metrics["samples_per_s"],
             "ddpo_weight_sync_seconds": metrics["time_broadcast_s"],
+            "ddpo_images_per_device_s": metrics["images_per_device_s"],
+            "ddpo_mfu": metrics["mfu"],
+            "ddpo_actors_rss_bytes": metrics["actors_rss_bytes"],
+            "ddpo_actors_gpu_peak_bytes": metrics["actors_gpu_peak_bytes"],
         }
         for name, value in values.items():
-            if value is not None and value == value:  # skip NaN (RWR has no KL or clipfrac)
+            if value is not None and value == value:  # skip NaN (RWR has no KL or clipfrac) and None (no MFU on CPU)
                 self.gauges[name].set(float(value))
         for role in ROLES:
             self.busy_fraction.set(metrics[f"busy_{role}"], tags={"role": role})

@@ -5,10 +5,10 @@ cluster; asking for more than exists fails at once, naming what was asked and wh
 cluster has.
 
 Layouts (`cluster.layout`):
-- colocated (max_policy_lag 0): sampler-i and learner-i share device i. A device is one bundle,
-  the larger of the sampler's and the learner's asks; each actor asks Ray for its share of the
-  bundle, and uses all of the device's CPUs as torch threads, since the two take turns: every
-  device samples, then trains.
+- colocated (max_policy_lag 0): sampler i and learner rank i share device i, as one actor,
+  `worker-<i>` (actors.worker.ColocatedWorker: one model, sampling then training). Its bundle is
+  the larger of the sampler's and the learner's asks. A device beyond the shorter of the two
+  counts holds a lone `sampler-<i>` or `learner-<i>`.
 - separate (max_policy_lag >= 1): every sampler and learner has a bundle of its own, so that
   sampling the next epoch overlaps training on this one.
 Reward actors have a bundle each (none when they ask for no resources at all: a CPU reward).
@@ -84,7 +84,7 @@ class Devices:
     asks for resources), which bundle each actor runs in, its share of the bundle, and its torch
     threads."""
 
-    members: list[list[str]]  # the actors of each device, e.g. ["sampler-0", "learner-0"]
+    members: list[list[str]]  # the actors of each device, e.g. ["worker-0"] or ["sampler-1"]
     bundles: list[dict[str, float]]
     index: dict[str, int]  # actor -> bundle (absent: no resources, outside the group)
     asks: dict[str, dict[str, float]]
@@ -92,33 +92,41 @@ class Devices:
 
     @classmethod
     def of(cls, cluster: ClusterConfig) -> Devices:
-        """The devices of a resolved cluster config (`resolve_layout`): colocated, sampler-i +
-        learner-i; separate, the learners, then the samplers; then the reward actors."""
+        """The devices of a resolved cluster config (`resolve_layout`): colocated, worker-i (then
+        the lone samplers or learners); separate, the learners, then the samplers; then the
+        reward actors. One actor per device."""
         c = cluster
-        samplers = [f"sampler-{i}" for i in range(c.num_samplers)]
-        learners = [f"learner-{i}" for i in range(c.num_learners)]
         rewards = [f"reward-{j}" for j in range(c.num_reward_actors)]
-        role = {**dict.fromkeys(samplers, c.sampler), **dict.fromkeys(learners, c.learner),
-                **dict.fromkeys(rewards, c.reward)}
+        roles = {name: [c.reward] for name in rewards}  # the roles each actor plays
         if c.layout == "colocated":
-            members = [[*samplers[i:i + 1], *learners[i:i + 1]] for i in range(max(len(samplers), len(learners)))]
+            for i in range(max(c.num_samplers, c.num_learners)):
+                if i < min(c.num_samplers, c.num_learners):
+                    roles[f"worker-{i}"] = [c.sampler, c.learner]
+                else:
+                    roles[f"sampler-{i}" if i < c.num_samplers else f"learner-{i}"] = [
+                        c.sampler if i < c.num_samplers else c.learner]
         else:
-            members = [[name] for name in learners + samplers]
-        devices = cls(members + [[name] for name in rewards], [], {}, {}, {})
-        for names in devices.members:
+            roles.update({f"learner-{i}": [c.learner] for i in range(c.num_learners)})
+            roles.update({f"sampler-{i}": [c.sampler] for i in range(c.num_samplers)})
+        names = [name for name in roles if name not in rewards] + rewards
+        devices = cls([[name] for name in names], [], {}, {}, {})
+        for name in names:
             bundle: dict[str, float] = {}
-            for name in names:  # the larger of the asks of the actors sharing the device
-                for key, amount in _bundle(role[name]).items():
+            for resources in roles[name]:  # a worker: the larger of the sampler's and the learner's asks
+                for key, amount in _bundle(resources).items():
                     bundle[key] = max(bundle.get(key, 0.0), amount)
-            for name in names:
-                devices.asks[name] = {key: _floor4(amount / len(names)) for key, amount in bundle.items()}
-                threads = role[name].num_threads
-                devices.threads[name] = max(1, int(bundle.get("CPU", 0.0))) if threads == "auto" else threads
-                if bundle:
-                    devices.index[name] = len(devices.bundles)
+            devices.asks[name] = {key: _floor4(amount) for key, amount in bundle.items()}
+            threads = {r.num_threads for r in roles[name]} - {"auto"}
+            devices.threads[name] = max(threads) if threads else max(1, int(bundle.get("CPU", 0.0)))
             if bundle:
+                devices.index[name] = len(devices.bundles)
                 devices.bundles.append(bundle)
         return devices
+
+    @property
+    def num_devices(self) -> int:
+        """The devices that sample or train (the reward actors' are not counted)."""
+        return sum(1 for names in self.members if not names[0].startswith("reward-"))
 
     def totals(self) -> dict[str, float]:
         """The resources of all bundles together."""
@@ -135,7 +143,9 @@ class Devices:
             bundle = self.bundles[self.index[names[0]]] if names[0] in self.index else {}
             what = ", ".join(f"{amount:g} {key}" for key, amount in bundle.items()) or "no resources"
             threads = self.threads[names[0]]
-            parts.append(f"{' + '.join(names)} ({what}, {threads} thread{'s' if threads > 1 else ''})")
+            name = names[0]
+            roles = "samples and trains, " if name.startswith("worker-") else ""
+            parts.append(f"{name} ({roles}{what}, {threads} thread{'s' if threads > 1 else ''})")
         return "; ".join(parts)
 
 

@@ -13,16 +13,19 @@ import ray
 import torch
 
 from actors.reward import RewardWorker
+from actors.usage import memory_bytes
 from cluster.metrics import ActorMetrics
 from ddpo.config import RewardConfig
 from rewards import RewardProcessDead
 
-# `busy_seconds` answers from its own thread, also while the actor is working
+# `report` answers from its own thread, also while the actor is working
 CONCURRENCY_GROUPS = {"report": 1}
 
 
-def actor_metrics(role: str) -> ActorMetrics:
-    return ActorMetrics(ray.get_runtime_context().get_actor_name() or role, role)
+def actor_metrics(*roles: str) -> dict[str, ActorMetrics]:
+    """The busy time of each role the actor plays (a colocated worker samples and trains)."""
+    name = ray.get_runtime_context().get_actor_name()
+    return {role: ActorMetrics(name or role, role) for role in roles}
 
 
 def keep_init_error(cls):
@@ -43,11 +46,15 @@ def keep_init_error(cls):
             raise self.init_error
 
     @ray.method(concurrency_group="report")
-    def busy_seconds(self) -> float:
-        """Seconds spent working since the actor started (its `working()` blocks)."""
-        return self.metrics.busy
+    def report(self) -> dict:
+        """Since the actor started: the seconds spent working in each role (its `working()`
+        blocks), its memory (`actors.usage.memory_bytes`), and the denoiser's FLOPs with the
+        device's peak FLOP/s (zero and None for an actor without a denoiser)."""
+        meter = getattr(self, "flop_meter", None)
+        return {"busy": {role: metrics.busy for role, metrics in self.metrics.items()}, **memory_bytes(),
+                "flops": meter.total if meter else 0.0, "peak_flops": getattr(self, "peak_flops", None)}
 
-    cls.__init__, cls.ready, cls.busy_seconds = __init__, ready, busy_seconds
+    cls.__init__, cls.ready, cls.report = __init__, ready, report
     return cls
 
 
@@ -59,7 +66,7 @@ class RewardActor(RewardWorker):
         self.metrics = actor_metrics("reward")
 
     def score(self, *batches):
-        with self.metrics.working():
+        with self.metrics["reward"].working():
             try:
                 return super().score(*batches)
             except RewardProcessDead as err:

@@ -186,10 +186,11 @@ class RunRecorder:
 
     CURVES_EVERY = 10
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, num_devices: int = 1):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
+        self.num_devices = num_devices  # that sample or train: for images_per_device_s
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.curves_stale = False
         self.mismatch_warned = False
@@ -228,6 +229,8 @@ class RunRecorder:
             "clipfrac": learner_metrics.get("clipfrac", float("nan")),
             "loss": learner_metrics.get("loss", float("nan")),
             "samples_per_s": learner_metrics.get("num_samples", 0) / timings["time_epoch_s"],
+            # the field's throughput: images sampled (and trained on) per device-second of the epoch
+            "images_per_device_s": table.num_rows / (timings["time_epoch_s"] * self.num_devices),
             "policy_lag_mean": learner_metrics.get("policy_lag_mean", float("nan")),
             "dropped_stale": dropped_stale,
             **timings,

@@ -15,18 +15,21 @@ def _digits(*overrides):
 
 @pytest.mark.parametrize("cpus, samplers, learners", [(1, 1, 1), (2, 2, 2), (8, 2, 4), (64, 2, 4)])
 def test_the_default_uses_the_machines_cores(cpus, samplers, learners):
-    """One sampler and one learner rank per core, colocated; no more samplers than the epoch's
-    2 sample batches, at most 4 devices for a CPU model."""
+    """One sampler and one learner rank per core, colocated: one worker per device, which
+    samples and trains; no more samplers than the epoch's 2 sample batches (the devices beyond
+    hold a learner rank alone), at most 4 devices for a CPU model."""
     c = resolve_layout(_digits(), {"CPU": float(cpus)}).cluster
     assert (c.num_samplers, c.num_learners, c.layout) == (samplers, learners, "colocated")
     devices = Devices.of(c)
-    assert len(devices.bundles) == learners  # sampler-i + learner-i, then the learners alone
+    workers = [f"worker-{i}" for i in range(samplers)]
+    assert devices.members == [[name] for name in workers + [f"learner-{i}" for i in range(samplers, learners)]
+                               ] + [["reward-0"]]
+    assert len(devices.bundles) == devices.num_devices == learners
     assert devices.totals()["CPU"] <= cpus
     share = cpus / learners  # the cores shared by the devices
-    assert devices.bundles[0] == {"CPU": share}
-    assert devices.asks["sampler-0"] == devices.asks["learner-0"] == {"CPU": share / 2}
-    assert devices.asks[f"learner-{learners - 1}"] == {"CPU": share if learners > samplers else share / 2}
-    assert devices.threads["learner-0"] == devices.threads["sampler-0"] == max(1, int(share))
+    assert devices.bundles[0] == devices.asks["worker-0"] == {"CPU": share}  # the whole device, one actor
+    assert devices.asks[f"learner-{learners - 1}" if learners > samplers else workers[-1]] == {"CPU": share}
+    assert devices.threads["worker-0"] == max(1, int(share))
 
 
 def test_separate_layout_time_shares_the_cores():
@@ -46,9 +49,9 @@ def test_explicit_values_are_kept_and_gpus_make_the_devices():
     c = resolve_layout(config, {"CPU": 64.0}).cluster
     devices = Devices.of(c)
     assert (c.num_samplers, c.num_learners, c.sampler.num_cpus) == (3, 1, 1.5)
-    assert devices.members[:3] == [["sampler-0", "learner-0"], ["sampler-1"], ["sampler-2"]]
+    assert devices.members[:3] == [["worker-0"], ["sampler-1"], ["sampler-2"]]
     # 64 / 3 rounded down to the 4 decimals Ray keeps; 213333 / 1e4 rounds as the literal does
-    assert devices.bundles[0]["CPU"] == 21.3333 and devices.threads["learner-0"] == 3
+    assert devices.bundles[0]["CPU"] == 21.3333 and devices.threads["worker-0"] == 3
     # a GPU model: one device per GPU, 1 CPU per actor; a GPU reward actor takes its GPU first
     gpu = resolve_layout(_digits("model.device=cuda", "cluster.reward.num_gpus=1"), {"CPU": 96.0, "GPU": 8.0})
     assert (gpu.cluster.num_samplers, gpu.cluster.num_learners) == (2, 7)

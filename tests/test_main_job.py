@@ -253,15 +253,18 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(m
     # token authentication on, set explicitly (no warning of Ray's), and how to get past it
     assert re.search(r"\nRay dashboard: http://127\.0\.0\.1:\d+ \(token: run `ray get-auth-token`\)\n", out.stdout)
     assert "Token authentication" not in out.stderr
-    # the layout the default resolved (2 + 2 on a 2-core machine), and each role's busy share
-    assert "\nlayout: colocated, sampler-0 + learner-0 (" in out.stdout
+    # the layout the default resolved (2 workers on a 2-core machine, each sampling and training on
+    # one model), each role's busy share, the throughput and the actors' memory
+    assert "\nlayout: colocated, worker-0 (samples and trains, 1 CPU, 1 thread); worker-1 (" in out.stdout
     assert re.search(r"\nbusy: samplers \d+%, learners \d+%, reward actors \d+%\n", out.stdout), out.stdout
+    assert re.search(r"\nthroughput: [\d.]+ images per device-second; actors' memory: [\d.]+ GiB resident\n",
+                     out.stdout), out.stdout
     assert "epochs: 100%" in out.stderr  # the progress bar
     metrics = run_metrics(run_dir)
     assert len(metrics) == NUM_EPOCHS
     for field in ["epoch", "policy_version", "reward_mean", "reward_std", "correct_mean", "approx_kl", "clipfrac",
                   "loss", "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",
-                  "time_train_s", "time_broadcast_s"]:
+                  "time_train_s", "time_broadcast_s", "images_per_device_s", "mfu", "actors_rss_bytes"]:
         assert field in metrics[-1]
     for _, step, value in out.live:  # what TensorBoard served during the run: the epochs' reward_mean,
         # which it keeps as a float32 (one rounding: 2^-24 relative)

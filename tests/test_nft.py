@@ -107,3 +107,21 @@ def test_a_checkpoint_restores_both_adapters_and_resumes_bit_for_bit(setup, tmp_
     for ours, theirs in zip(_states(resumed), _states(first)):
         _assert_equal(ours, theirs)
     assert resumed.optimizer_steps == first.optimizer_steps == 2
+
+
+def test_a_colocated_worker_samples_with_the_old_policy_read_in_place(setup):
+    """A device's worker (one model) samples with the policy a separate sampler is sent, read in
+    place: after an update, DiffusionNFT's old adapter, bit for bit as the sampler given the
+    broadcast weights; not the trained adapter, which differs from it."""
+    from actors.worker import ColocatedWorker
+
+    config, sampler = setup
+    worker = ColocatedWorker(config)
+    worker.train(*_epoch(config, worker, 0))
+    spec = epoch_plan(config, config.load_prompts(), 1)[0]
+    args = spec.batch_id, spec.prompts, spec.seeds, spec.sde_start
+    sampler.set_weights(worker.weights())
+    in_place = worker.sample(*args)[0]
+    assert in_place.equals(sampler.sample(*args)[0])
+    sampler.set_weights((worker.policy_version + 1, get_lora_state(worker.model.denoiser)))  # the trained adapter
+    assert in_place.column("latents") != sampler.sample(*args)[0].column("latents")

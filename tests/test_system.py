@@ -76,10 +76,11 @@ def undisturbed(ray_session, tmp_path_factory):
 def test_actors_run_in_their_bundles_and_every_sampler_gets_the_learners_lora(undisturbed):
     placement = undisturbed.placement
     assert placement["table"]["state"] == "CREATED"
-    # colocated (lag 0): sampler-0 and learner-0 share a core, half of it each in Ray's books
-    assert list(placement["table"]["bundles"].values()) == [{"CPU": 1.0}] * 2  # sampler-0 + learner-0, sampler-1
-    assert placement["num_cpus"] == {"learner-0": 0.5, "sampler-0": 0.5, "sampler-1": 1.0, "reward-0": 0.0}
-    assert placement["threads"] == {"sampler-0": 1, "learner-0": 1, "sampler-1": 1, "reward-0": 1}
+    # colocated (lag 0): sampler 0 and learner rank 0 are one actor on a core, worker-0, with one
+    # model; sampler-1 has a core and a model of its own, and gets the LoRA broadcast
+    assert list(placement["table"]["bundles"].values()) == [{"CPU": 1.0}] * 2  # worker-0, sampler-1
+    assert placement["num_cpus"] == {"worker-0": 1.0, "sampler-1": 1.0, "reward-0": 0.0}
+    assert placement["threads"] == {"worker-0": 1, "sampler-1": 1, "reward-0": 1}
     assert all(placement["found_by_name"])
     version, learner_state = undisturbed.weights
     assert version == 3
@@ -231,7 +232,8 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(undisturbed):
                  "ray_ddpo_approx_kl", "ray_ddpo_weight_sync_seconds", "ray_ddpo_queue_depth",
                  "ray_ddpo_busy_fraction"]:
         assert name in text, name
-    for actor, role in [("sampler-0", "sampler"), ("reward-0", "reward"), ("learner-0", "learner")]:
+    for actor, role in [("sampler-1", "sampler"), ("reward-0", "reward"), ("worker-0", "sampler"),
+                        ("worker-0", "learner")]:
         assert re.search(rf'ray_ddpo_busy_seconds_total{{[^}}]*actor="{actor}"[^}}]*role="{role}"', text), actor
         assert re.search(rf'ray_ddpo_idle_ratio{{[^}}]*actor="{actor}"', text), actor
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -244,11 +246,22 @@ def test_the_nodes_metrics_endpoint_shows_the_run_while_it_runs(undisturbed):
     assert len(events.Images("samples")) == 3
 
 
+def test_every_epoch_records_the_fields_throughput_and_the_actors_memory(undisturbed):
+    """images / (epoch wall x the 2 devices), the actors' resident memory summed (3 processes: a
+    worker, a sampler, a reward actor), and no MFU on a CPU (no peak to divide by)."""
+    for m in undisturbed.history:
+        assert m["images_per_device_s"] == 8 / (m["time_epoch_s"] * 2)
+        assert 3 * 100 * 2**20 < m["actors_rss_bytes"] < 3 * 4 * 2**30
+        assert m["actors_gpu_peak_bytes"] == 0 and m["mfu"] is None
+    assert "ray_ddpo_images_per_device_s" in "\n".join(undisturbed.scraped)
+
+
 def test_actors_killed_mid_run_are_restarted_and_nothing_is_lost(ray_session, tmp_path, undisturbed):
-    """SIGKILL, from outside, a sampler and the learner once epoch 0 is recorded and a reward
-    actor once epoch 1 is. Ray restarts the sampler and the reward actor, and the tasks they had
-    in flight run again; the driver starts the learner again from epoch 0's checkpoint and redoes
-    epoch 1. The run ends as if nothing had happened, with one metrics line per epoch."""
+    """SIGKILL, from outside, a sampler and the worker (sampler 0 and the learner) once epoch 0 is
+    recorded and a reward actor once epoch 1 is. Ray restarts the sampler and the reward actor,
+    and the tasks they had in flight run again; the driver starts the worker again from epoch 0's
+    checkpoint and redoes epoch 1. The run ends as if nothing had happened, with one metrics line
+    per epoch."""
     config = tiny_config(tmp_path, run_name="killed", **UNDISTURBED)
     metrics_path = tmp_path / "killed" / "metrics.jsonl"
 
@@ -261,7 +274,7 @@ def test_actors_killed_mid_run_are_restarted_and_nothing_is_lost(ray_session, tm
         return kill
 
     with kill_once_recorded(metrics_path, 1, killer("ray::SamplerActor")) as sampler, \
-            kill_once_recorded(metrics_path, 1, killer("ray::LearnerActor")) as learner, \
+            kill_once_recorded(metrics_path, 1, killer("ray::WorkerActor")) as learner, \
             kill_once_recorded(metrics_path, 2, killer("ray::RewardActor")) as reward:
         history, (version, weights) = _run(config)
     assert sampler.is_set() and learner.is_set() and reward.is_set()
@@ -319,6 +332,7 @@ def test_the_learner_group_restarts_until_its_limit_then_the_error_ends_the_run(
     driver.config = tiny_config(tmp_path, **{"cluster.learner_max_restarts": 2})
     driver.run_dir, driver.learner_restarts = tmp_path, 0
     driver.learners, driver.samplers, driver.reward_actors = [], [], []
+    driver.learner_names, driver.plain_samplers = ["learner-0"], {}
     dead, restarts = ["learner-0"], []
 
     def restart(names):
