@@ -1,5 +1,5 @@
-"""Random SIGKILLs of samplers, reward actors and learner ranks during one run on the digits
-default config, against the same run undisturbed. Prints JSON.
+"""Random SIGKILLs of samplers, workers, reward actors and learner ranks during one run on the
+digits default config, against the same run undisturbed. Prints JSON.
 
     python bench/chaos.py [--epochs 20] [--kills 10] [--seed 0] [--interval-s 5] [--set key=value ...]
 
@@ -11,7 +11,8 @@ chaos run has recorded its first epoch, a thread kills `--kills` times: it sleep
 uniform(0.5, 1.5) x `--interval-s` (seeded by `--seed`), picks a role at random among those with
 an ALIVE actor (Ray's state API), a random ALIVE actor of it, and SIGKILLs its process, as an OOM
 killer or a lost node would. Ray restarts a sampler or reward actor; the driver restarts the
-learner group from its latest checkpoint. A second thread times each kill's recovery: until an
+learner group from its latest checkpoint when a learner rank or a worker (a colocated device's
+sampler and learner rank in one process: the default layout's) dies. A second thread times each kill's recovery: until an
 actor of that name is ALIVE again in another process (null: not before the run ended).
 
 Reported: each kill (`actor`, `at_s` since the chaos run's fit started, `recover_s`); the kills
@@ -53,7 +54,7 @@ from cluster.local import start_local_ray  # noqa: E402
 from cluster.run_dir import latest_checkpoint, make_run_dir, read_metrics  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 
-ROLES = ("sampler", "reward", "learner")
+ROLES = ("sampler", "worker", "reward", "learner")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

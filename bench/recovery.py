@@ -2,7 +2,10 @@
 
     python bench/recovery.py [--epochs 4] [--set key=value ...]
 
-For `sampler-0` and then `reward-0`: a run starts; once epoch 1 is under way the actor's process
+The tiny config with 2 samplers: `worker-0` (sampler 0 and the learner, one process) and
+`sampler-1`, a sampler on a device of its own (a worker that dies takes the learner group's
+restart: tests/test_system.py). For `sampler-1` and then `reward-0`: a run starts; once epoch 1 is
+under way the actor's process
 gets SIGKILL from outside (as an OOM killer or a lost node would). Reported per actor:
 - `restart_s`: from the kill until Ray reports the actor ALIVE again in a new process;
 - `epoch_s_killed` vs `epoch_s_median_others`: the wall time of the epoch that had the kill
@@ -63,7 +66,8 @@ def kill_and_time(name: str, metrics_path: Path, result: dict, stop: threading.E
 
 def run(name: str, args, output_dir: str) -> dict:
     config = load_config(embedded_config("tiny.yaml"), [
-        f"num_epochs={args.epochs}", f"output_dir={output_dir}", f"run_name={name}", *args.set])
+        f"num_epochs={args.epochs}", "cluster.num_samplers=2", f"output_dir={output_dir}", f"run_name={name}",
+        *args.set])
     run_dir = make_run_dir(config)
     result, stop = {}, threading.Event()
     killer = threading.Thread(target=kill_and_time, args=(name, run_dir / "metrics.jsonl", result, stop))
@@ -92,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     start_local_ray(namespace="ddpo", include_dashboard=True, log_to_driver=False)
     with tempfile.TemporaryDirectory() as output_dir:
-        figures = {name: run(name, args, output_dir) for name in ["sampler-0", "reward-0"]}
+        figures = {name: run(name, args, output_dir) for name in ["sampler-1", "reward-0"]}
     ray.shutdown()
     json.dump(figures, sys.stdout, indent=1)
     print()

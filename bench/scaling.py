@@ -5,7 +5,8 @@ object.
 
 Each layout (samplers, learners, max_policy_lag) runs the digits default (configs/digits.yaml)
 on Ray for `--epochs` epochs, all in one Ray instance, one after the other. The layout is the
-config's `auto`: colocated at lag 0 (sampler-i and learner-i share device i), separate at lag 1.
+config's `auto`: colocated at lag 0 (device i runs worker-i: sampler i and learner rank i in one
+process), separate at lag 1.
 A device is one core with one torch thread per actor (a fraction of a core each when the layout
 has more devices than the machine has cores). The figures skip the first `--warmup` epochs:
 

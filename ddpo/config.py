@@ -37,6 +37,18 @@ class ModelConfig:
     # SD3 / FLUX: the T5 tokens of a prompt (zeros where the model has no T5). None = the
     # pipeline's default (SD3 256, FLUX 512), or for a builtin model the length it was trained with
     max_sequence_length: int | None = None
+    # encode the run's prompts (and the empty one) at load, keep their embeddings for the run, and
+    # move the frozen text encoders to the CPU (SD3.5: 11.2 GB off the device, FLUX.1: 9.8 GB in
+    # bf16); a prompt outside the set is still encoded there, slowly. The kept embeddings stay on
+    # the device up to prompt_cache_size prompts, else in host memory, moved per batch
+    # (ddpo.families.ModelFamily.offload_text_encoders)
+    offload_text_encoders: bool = False
+    # prompts whose text embeddings are kept on the device, the least recently used leaving first:
+    # a prompt is encoded once per run, and sampling and training reuse its embeddings
+    # (ddpo.families.ModelFamily.conditioning); 0 = none kept, every call encodes. The default
+    # holds the shipped prompt sets (the largest: 398); a prompt costs SD1.5 0.12 MB, SDXL 0.3 MB,
+    # SD3.5 2.7 MB, FLUX.1 4.2 MB of device memory (bf16)
+    prompt_cache_size: int = 512
 
 
 @dataclass
@@ -122,6 +134,9 @@ class TrainConfig:
     shuffle_timesteps: bool = True
     # classifier-free guidance in the training forward pass, as in sampling
     cfg: bool = True
+    # recompute the denoiser's activations in the backward pass instead of keeping them: less
+    # memory for about one more forward's time; the update is the same
+    gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     # beta of the KL penalty to the reference policy (the base model: the adapter switched off),
     # loss += beta * ||mu_theta - mu_ref||^2 / (2 sigma^2) per step; 0 = none (no extra forward)
@@ -248,6 +263,10 @@ class ClusterConfig:
     # terminationGracePeriodSeconds (30 s by default), `ray job stop`'s RAY_JOB_STOP_WAIT_TIME_S
     # (3 s by default: give the job more), `docker stop -t` (10 s)
     stop_grace_s: float = 25.0
+    # the memory of one device in GiB (as nvidia-smi's MiB / 1024): `ddpo train` refuses a layout
+    # whose memory plan (ddpo/memory.py, `ddpo plan`) does not fit in it. None: the local GPU's,
+    # when the model runs on one here; else unknown, and nothing is refused
+    device_memory_gb: float | None = None
     sampler: ActorResources = field(default_factory=ActorResources)
     reward: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.0))
     learner: ActorResources = field(default_factory=ActorResources)
@@ -527,6 +546,8 @@ def validate(config: Config) -> None:
     _check(config.checkpoint_every_s >= 0, "checkpoint_every_s: must be >= 0 (0 = no checkpoints by time)")
     _check(config.eval_images >= 0, "eval_images: must be >= 0")
     check_device(config.model.device, "model.device")
+    _check(config.model.prompt_cache_size >= 0,
+           f"model.prompt_cache_size: must be >= 0 (0 = no cache), got {config.model.prompt_cache_size}")
     _check(config.model.max_sequence_length is None or config.model.max_sequence_length >= 1,
            f"model.max_sequence_length: must be >= 1 (or null: the model's own), got {config.model.max_sequence_length}")
     _check(config.lora.rank >= 1, "lora.rank: must be >= 1")
@@ -599,3 +620,5 @@ def validate(config: Config) -> None:
         _check(res.num_threads == "auto" or res.num_threads >= 1, f"cluster.{role}.num_threads: must be >= 1 or auto")
     _check(c.placement_timeout_s > 0, "cluster.placement_timeout_s: must be > 0")
     _check(c.stop_grace_s > 0, "cluster.stop_grace_s: must be > 0")
+    _check(c.device_memory_gb is None or c.device_memory_gb > 0,
+           "cluster.device_memory_gb: must be > 0 (or null: the local GPU's, else unknown)")

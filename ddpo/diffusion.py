@@ -170,7 +170,7 @@ def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int]
         raise ValueError("prompts and seeds must have the same length")
     s = sample
     use_cfg = model.uses_cfg(s.guidance_scale)
-    cond, negative = model.encode(list(prompts), with_negative=use_cfg)
+    cond, negative = model.conditioning(list(prompts), with_negative=use_cfg)
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     timesteps = model.set_timesteps(s.num_steps, s.height, s.width)
     sde_steps = range(len(timesteps)) if sde_steps is None else sde_steps

@@ -16,7 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ddpo.families import ModelFamily, family_named
+from ddpo.families import ModelFamily, PromptCache, family_named
 
 BUILTIN_TINY = "builtin:tiny"
 # embedded diffusers folders, loaded through the same from_pretrained path as any other folder
@@ -255,7 +255,9 @@ def check_family_settings(config, family: type[ModelFamily] | None = None) -> No
 
 def load_policy(config) -> ModelFamily:
     """The policy p_theta: the frozen pipeline of `config.model` with the LoRA adapter of
-    `config.lora` on its denoiser (the same initial adapter everywhere, from `config.seed`)."""
+    `config.lora` on its denoiser (the same initial adapter everywhere, from `config.seed`), its
+    prompt cache of `model.prompt_cache_size` prompts, and with `model.offload_text_encoders`, the
+    run's prompts encoded and the text encoders moved to the CPU."""
     from ddpo.lora import attach_lora
 
     model = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
@@ -265,4 +267,7 @@ def load_policy(config) -> ModelFamily:
     lora = config.lora
     attach_lora(model.denoiser, lora.rank, lora.alpha, lora.target_modules or model.default_lora_targets,
                 seed=config.seed)
+    model.prompt_cache = PromptCache(config.model.prompt_cache_size)
+    if config.model.offload_text_encoders:
+        model.offload_text_encoders(config.load_prompts(), with_negative=model.uses_cfg(config.sample.guidance_scale))
     return model

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
 from ddpo.config import Config, TrainConfig
 from ddpo.diffusion import step_log_prob
-from ddpo.families import concat, take
+from ddpo.families import take
 from ddpo.lora import (
     LoraState, active_adapter, add_adapter_copy, get_lora_state, load_lora_state, lora_parameters, reference_policy,
     save_lora,
@@ -69,6 +69,8 @@ class Learner:
         s = config.sample
         self.model.set_timesteps(s.num_steps, s.height, s.width)
         t = config.train
+        if t.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.optimizer = torch.optim.AdamW(
             lora_parameters(self.model.denoiser), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
@@ -182,13 +184,10 @@ class Learner:
         return to_training_batch(table)
 
     def _embeddings(self, prompts: list[str], with_negative: bool):
-        """The conditioning of all prompts, computed once per update (the text encoders are
-        frozen): (prompts', the empty prompt's or None)."""
-        chunks = [prompts[i:i + self.config.train.batch_size]
-                  for i in range(0, len(prompts), self.config.train.batch_size)]
-        with torch.no_grad():
-            encoded = [self.model.encode(chunk, with_negative) for chunk in chunks]
-        return concat([e[0] for e in encoded]), concat([e[1] for e in encoded])
+        """The conditioning of all prompts, (prompts', the empty prompt's or None): the text
+        encoders are frozen, so each prompt's rows come from the model's prompt cache, where the
+        sampling of the same model (a colocated worker) or an earlier update left them."""
+        return self.model.conditioning(prompts, with_negative)
 
     def _log_prob(self, batch: TrainingBatch, idx, steps, cond, negative, kl: bool = False):
         """log p_theta(x_{t-1} | x_t, c) for samples `idx` [m] at their step indices `steps`

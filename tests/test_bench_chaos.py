@@ -26,9 +26,9 @@ def test_the_summary_counts_kills_per_role_recoveries_and_samples():
     assert summary == {
         "per_kill": [{k: kill[k] for k in ("actor", "at_s", "recover_s")} for kill in kills],
         "kills": 5,
-        "kills_per_role": {"sampler": 3, "reward": 1, "learner": 1},
+        "kills_per_role": {"sampler": 3, "worker": 0, "reward": 1, "learner": 1},
         "unrecovered": 1,
-        "recover_s": {"sampler": {"median": 5.0, "max": 6.0}, "reward": None,
+        "recover_s": {"sampler": {"median": 5.0, "max": 6.0}, "worker": None, "reward": None,
                       "learner": {"median": 7.5, "max": 7.5}},
         "learner_group_restarts": 1,
         "samples_planned": 384,

@@ -121,10 +121,11 @@ def test_flow_configs_carry_the_published_recipes(name):
     assert (config.samples_per_epoch, config.advantage.mode) == (1152, "group")
     assert (t.learning_rate, t.adv_clip_max) == (3e-4, 5.0)
     assert config.load_prompts()
-    # colocated on 8 GPUs: a sampler and a learner rank on each, the reward in what is left
+    # colocated on 8 GPUs: a worker (a sampler and a learner rank, one model) on each, the reward in
+    # what is left
     devices = Devices.of(resolve_layout(config, {"CPU": 96.0, "GPU": 8.0}).cluster)
-    pairs = [names for names in devices.members if not names[0].startswith("reward")]
-    assert len(pairs) == 8 and all(len(names) == 2 for names in pairs) and devices.totals()["GPU"] <= 8
+    workers = [names for names in devices.members if not names[0].startswith("reward")]
+    assert workers == [[f"worker-{i}"] for i in range(8)] and devices.totals()["GPU"] <= 8
 
 
 def _field(config, dotted: str):
@@ -157,3 +158,22 @@ def test_the_method_comparison_changes_only_what_defines_each_method():
     for name, config in variants.items():
         assert config.samples_per_epoch == shared.samples_per_epoch and config.num_epochs == shared.num_epochs
         assert config.train.learning_rate == shared.train.learning_rate, name
+
+
+def test_the_qwenimage_config_carries_the_published_recipe():
+    """yifan123/flow_grpo config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py: 32 groups
+    of 16 an epoch, 2 optimizer steps, a window of 2 SDE steps; the LoRA is the family default."""
+    from ddpo.families import family_named
+
+    config = load_config(CONFIGS / "qwenimage_pickscore.yaml")
+    s, t, a = config.sample, config.train, config.advantage
+    assert config.model.pretrained == "Qwen/Qwen-Image"
+    assert (s.num_steps, s.guidance_scale, s.noise_level, s.height, s.width) == (10, 4.0, 1.2, 512, 512)
+    assert (s.sde_type, s.sde_window, s.sde_window_range) == ("flow_grpo", 2, [0, 5])
+    assert (config.samples_per_epoch, a.mode, a.group_size, a.global_std) == (512, "group", 16, True)
+    assert config.samples_per_epoch // (t.batch_size * t.gradient_accumulation_steps) == 2
+    assert (t.algorithm, t.learning_rate, t.clip_range, t.kl_coef, t.cfg, t.timestep_fraction) == (
+        "ddpo_is", 3e-4, 1e-4, 0.0, True, 1.0)
+    assert (config.lora.rank, config.lora.alpha) == (64, 128.0)
+    family = family_named("QwenImagePipeline")
+    assert [name.removeprefix("attn.") for name in config.lora.target_modules] == family.default_lora_targets

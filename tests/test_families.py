@@ -1,6 +1,7 @@
-"""Model families behind one seam: SD 1.x, SDXL, SD3 and FLUX, each tiny, saved to a temp dir
-and loaded through from_pretrained; each samples as its own diffusers pipeline does, recomputes
-its stored log-probs, round-trips its LoRA through `load_lora_weights`, and trains through Ray."""
+"""Model families behind one seam: SD 1.x, SDXL, SD3, FLUX and Qwen-Image, each tiny, saved to a
+temp dir and loaded through from_pretrained; each samples as its own diffusers pipeline does,
+recomputes its stored log-probs, round-trips its LoRA through `load_lora_weights`, and trains
+through Ray."""
 
 import json
 import shutil
@@ -12,12 +13,14 @@ import torch
 
 from ddpo.config import SampleConfig
 from ddpo.diffusion import sample_trajectories, step_log_prob
+from ddpo.families import concat
 from ddpo.lora import attach_lora, lora_parameters, save_lora
 from ddpo.pipeline import ModelLoadError, build_tiny_pipeline, load_pipeline
 from tests.tiny_families import BUILDERS
 
 FAMILIES = {"sd": ("StableDiffusion", build_tiny_pipeline), "sdxl": ("StableDiffusionXL", BUILDERS["sdxl"]),
-            "sd3": ("StableDiffusion3", BUILDERS["sd3"]), "flux": ("Flux", BUILDERS["flux"])}
+            "sd3": ("StableDiffusion3", BUILDERS["sd3"]), "flux": ("Flux", BUILDERS["flux"]),
+            "qwenimage": ("QwenImage", BUILDERS["qwenimage"])}
 SAMPLE = SampleConfig(num_steps=3, guidance_scale=3.0, height=32, width=32)
 PROMPTS, SEEDS = ["a cat", "a red dog"], [5, 6]
 
@@ -37,13 +40,24 @@ def test_the_family_comes_from_model_index_and_samples_as_its_pipeline(folders, 
     model = load_pipeline(folders[name])
     assert type(model).__name__ == FAMILIES[name][0]
     quiet = SampleConfig(**{**SAMPLE.__dict__, "eta": 1e-6, "noise_level": 1e-6})
-    ours = sample_trajectories(model, PROMPTS, SEEDS, quiet).images.astype(np.float64) / 255
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    trajectories = sample_trajectories(model, PROMPTS, SEEDS, quiet)
     extra = {"eta": 0.0} if name in ("sd", "sdxl") else {}
-    theirs = model.pipe(PROMPTS, num_inference_steps=SAMPLE.num_steps, guidance_scale=SAMPLE.guidance_scale,
-                        height=32, width=32, generator=generators, output_type="np", **extra).images
+    if name == "qwenimage":  # true CFG: the negative prompt's pass, rescaled to the conditional norm
+        guidance = {"true_cfg_scale": SAMPLE.guidance_scale, "negative_prompt": model.negative_prompt}
+    else:
+        guidance = {"guidance_scale": SAMPLE.guidance_scale}
+
+    def pipe(output_type: str):
+        return model.pipe(PROMPTS, num_inference_steps=SAMPLE.num_steps, height=32, width=32, output_type=output_type,
+                          generator=[torch.Generator().manual_seed(s) for s in SEEDS], **guidance, **extra).images
+
     # our uint8 rounding (0.5/255) and float32 differences between the two samplers, far below 1/255
-    assert np.abs(ours - theirs).max() <= 1.5 / 255
+    assert np.abs(trajectories.images.astype(np.float64) / 255 - pipe("np")).max() <= 1.5 / 255
+    if name == "qwenimage":
+        # the tiny video VAE all but hides its latents (guidance or none moves the images by about
+        # 1/255): x_0 itself agrees, to the step noise left (noise_level 1e-6) and float32 rounding
+        x0 = model.pipe._unpack_latents(pipe("latent"), 32, 32, model.pipe.vae_scale_factor)[:, :, 0]
+        torch.testing.assert_close(trajectories.latents[:, -1], x0, rtol=0, atol=1e-4)
 
 
 def test_an_unsupported_pipeline_is_one_line(tmp_path, folders):
@@ -94,6 +108,44 @@ def test_stored_and_recomputed_log_probs_agree(folders, name):
     assert (ratio - 1).abs().max() < 1e-4  # the design's contract: under the paper's clip range 1e-4
 
 
+def test_concat_pads_unequal_sequences_with_zeros():
+    """Joining conditionings pads sequences (and their masks) with zeros to the longest; equal
+    lengths join exactly as torch.cat."""
+    g = torch.Generator().manual_seed(0)
+    short = {"prompt_embeds": torch.randn(2, 3, 4, generator=g),
+             "prompt_embeds_mask": torch.ones(2, 3, dtype=torch.long), "pooled": torch.randn(2, 5, generator=g)}
+    long = {"prompt_embeds": torch.randn(1, 5, 4, generator=g),
+            "prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long), "pooled": torch.randn(1, 5, generator=g)}
+    joined = concat([short, long])
+    assert joined["prompt_embeds"].shape == (3, 5, 4)
+    assert torch.equal(joined["prompt_embeds"][:2, :3], short["prompt_embeds"])
+    assert torch.equal(joined["prompt_embeds"][:2, 3:], torch.zeros(2, 2, 4))
+    assert torch.equal(joined["prompt_embeds"][2:], long["prompt_embeds"])
+    assert joined["prompt_embeds_mask"].tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1] * 5]
+    assert torch.equal(joined["pooled"], torch.cat([short["pooled"], long["pooled"]]))
+    same = concat([short, short])
+    assert all(torch.equal(same[k], torch.cat([short[k], short[k]])) for k in short)
+    assert concat([None, None]) is None
+
+
+def test_qwenimage_padding_is_never_attended(folders):
+    """Qwen-Image's embeddings are as long as their batch's longest prompt: prompts encoded apart
+    (the learner's chunks) and joined by `concat`, padding and all, predict with true CFG what
+    each predicts alone, unpadded (float32 rounding of attention over different lengths)."""
+    model = load_pipeline(folders["qwenimage"])
+    prompts = ["a cat", "a small red dog riding a bike", "horse"]
+    encoded = [model.encode([prompt], with_negative=True) for prompt in prompts]
+    cond, negative = concat([e[0] for e in encoded]), concat([e[1] for e in encoded])
+    # each prompt's tokens and the template's 5 after it, then the mask's zeros
+    assert cond["prompt_embeds_mask"].sum(dim=1).tolist() == [7, 12, 6]
+    timesteps = model.set_timesteps(3, 32, 32)
+    latents = torch.randn(3, *model.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        joined = model.predict(latents, timesteps[1], cond, negative, 3.0)
+        alone = torch.cat([model.predict(latents[i:i + 1], timesteps[1], *encoded[i], 3.0) for i in range(3)])
+    torch.testing.assert_close(joined, alone, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name, tmp_path):
     """save -> a plain pipeline from from_pretrained -> load_lora_weights -> identical images."""
@@ -116,11 +168,14 @@ def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name
                                                   trained.denoiser.named_parameters() if "lora_" in k}
 
 
-# FLUX with a window of 2 CPS steps in a 3-step ODE schedule (SD3 steps with the SDE throughout)
-WINDOW = {"sample.num_steps": 3, "sample.sde_window": 2, "sample.sde_type": "cps", "sample.sde_window_range": "[0,2]"}
+# FLUX with a window of 2 CPS steps in a 3-step ODE schedule, Qwen-Image with a window of 2
+# Flow-GRPO SDE steps (its published recipe's kind of window), SD3 with the SDE throughout
+WINDOW = {"flux": {"sample.num_steps": 3, "sample.sde_window": 2, "sample.sde_type": "cps",
+                   "sample.sde_window_range": "[0,2]"},
+          "qwenimage": {"sample.num_steps": 3, "sample.sde_window": 2, "sample.sde_window_range": "[0,2]"}}
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwenimage"])
 def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     from cluster.driver import Driver
     from cluster.run_dir import make_run_dir
@@ -129,7 +184,7 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     config = tiny_config(tmp_path, **{"model.pretrained": folders[name], "num_epochs": 1, "sample.num_steps": 2,
                                       "advantage.mode": "group", "advantage.group_size": 4,
                                       "train.kl_coef": 0.04, "cluster.num_samplers": 1, "cluster.num_learners": 1,
-                                      **(WINDOW if name == "flux" else {})})
+                                      **WINDOW.get(name, {})})
     driver = Driver(config, make_run_dir(config))
     try:
         (metrics,) = driver.fit()
@@ -139,7 +194,7 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     # two minibatches of 4, an optimizer step after each: the second is scored by a policy that has
     # left the reference (the adapter disabled), so the KL to it is positive
     assert metrics["kl_ref"] > 0
-    if name != "sdxl":  # the stored log-probs (the window's, for FLUX), recomputed before the first step
+    if name != "sdxl":  # the stored log-probs (the window's, for FLUX, Qwen-Image), recomputed before the first step
         assert metrics["logprob_mismatch_max"] <= 1e-4
 
 

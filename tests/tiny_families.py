@@ -1,20 +1,32 @@
-"""Tiny SDXL, SD3 and FLUX pipelines with random weights, built from configs in code (the shapes
-of the real ones, the sizes of a unit test). 32x32 images are 16x16 latents."""
+"""Tiny SDXL, SD3, FLUX and Qwen-Image pipelines with random weights, built from configs in code
+(the shapes of the real ones, the sizes of a unit test). 32x32 images are 16x16 latents."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+)
 
 from ddpo.pipeline import _TINY_VOCAB, sd_scheduler, word_level_tokenizer
 
@@ -83,4 +95,59 @@ def build_tiny_flux(seed: int = 0) -> FluxPipeline:
         text_encoder=_clip(tokenizer, False), tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer)
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+# the words of QwenImagePipeline's prompt template (its system prompt and chat roles)
+_QWEN_TEMPLATE_WORDS = ["system", "Describe", "the", "image", "by", "detailing", "color", "shape", "size", "texture",
+                        "quantity", "text", "spatial", "relationships", "of", "objects", "and", "background", "user",
+                        "assistant"]
+
+
+def qwen_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen's chat tokens, on which QwenImagePipeline's prompt template
+    takes 34 tokens before the prompt, as on Qwen2.5-VL's own (the pipeline drops the first
+    `prompt_template_encode_start_idx = 34` hidden states): one token per word, punctuation run
+    and newline, and <|im_start|> / <|im_end|> whole."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+    words = dict.fromkeys([*_QWEN_TEMPLATE_WORDS, *_TINY_VOCAB, ",", ":", "\n"])
+    tokenizer = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate([*specials, *words])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), behavior="removed", invert=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=2048)
+
+
+def build_tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image in miniature: a 2-layer Qwen2.5-VL text encoder (hidden 32, the multimodal
+    rope's sections 1+1+2 of a head's 4 frequencies), a video VAE with one 2x downsampling and
+    its latents' mean/std normalisation, a 2-block transformer on 2x2-packed latents, and
+    Qwen-Image's scheduler config (dynamic exponential shift, terminal sigma 0.02)."""
+    torch.manual_seed(seed)
+    tokenizer = qwen_chat_tokenizer()
+    n = len(tokenizer)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"vocab_size": n, "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+                     "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": HIDDEN, "fullatt_block_indexes": [0]},
+        # the vision tokens lie outside the tiny vocabulary: the pipeline never passes an image
+        image_token_id=n, video_token_id=n + 1, vision_start_token_id=n + 2, vision_end_token_id=n + 3))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * 4, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=HIDDEN, axes_dims_rope=(4, 6, 6))
+    # Qwen/Qwen-Image's scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift=1.0, shift_terminal=0.02)
+    for module in (text_encoder, vae, transformer):
+        module.eval()  # as from_pretrained leaves them
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "qwenimage": build_tiny_qwenimage}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ddpo.config import Config, SampleConfig
+from ddpo.config import Config, ConfigError, ModelConfig, SampleConfig
 from ddpo.diffusion import GaussianStep
 
 # a prompt's conditioning: tensors with the batch first (text embeddings, pooled embeddings, ...)
@@ -33,9 +34,58 @@ def take(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
 
 
 def concat(conds: list[Conditioning | None]) -> Conditioning | None:
+    """The conditionings joined along the batch. Sequences of unequal length (a text encoder
+    that pads to its batch's longest prompt, as Qwen-Image's) are padded with zeros at the end
+    to the longest first: their attention mask, one of the tensors, pads with zeros too, so the
+    padding is never attended to. Equal lengths are joined unchanged."""
     if conds[0] is None:
         return None
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    def padded(v: torch.Tensor, length: int) -> torch.Tensor:
+        if v.ndim < 2 or v.shape[1] == length:
+            return v
+        return torch.cat([v, v.new_zeros(v.shape[0], length - v.shape[1], *v.shape[2:])], dim=1)
+
+    joined = {}
+    for k in conds[0]:
+        parts = [c[k] for c in conds]
+        length = max(v.shape[1] for v in parts) if parts[0].ndim >= 2 else None
+        joined[k] = torch.cat([padded(v, length) for v in parts])
+    return joined
+
+
+NEGATIVE = None  # the prompt cache's key of the empty prompt's conditioning (classifier-free guidance)
+
+
+class PromptCache:
+    """Conditioning rows (batch 1) by prompt: the `size` most recently used, and the rows kept for
+    the whole run whatever their use (the run's prompts, once the text encoders are offloaded).
+    The key NEGATIVE holds the empty prompt's conditioning."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.recent: OrderedDict[str | None, Conditioning] = OrderedDict()
+        self.kept: dict[str | None, Conditioning] = {}
+
+    def get(self, prompt: str | None) -> Conditioning | None:
+        if prompt in self.kept:
+            return self.kept[prompt]
+        if prompt in self.recent:
+            self.recent.move_to_end(prompt)
+        return self.recent.get(prompt)
+
+    def put(self, prompt: str | None, row: Conditioning) -> None:
+        """Keep `row` as the most recent; past `size` rows, the least recently used one leaves."""
+        if self.size == 0:
+            return
+        self.recent[prompt] = row
+        self.recent.move_to_end(prompt)
+        while len(self.recent) > self.size:
+            self.recent.popitem(last=False)
+
+
+def _moved(row: Conditioning, device: torch.device) -> Conditioning:
+    return {k: v.to(device) for k, v in row.items()}
 
 
 class ModelFamily:
@@ -50,6 +100,7 @@ class ModelFamily:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.prompt_cache = PromptCache(ModelConfig.prompt_cache_size)
 
     @classmethod
     def prepare(cls, pipe):
@@ -127,6 +178,81 @@ class ModelFamily:
         """Whether guidance runs the denoiser twice (classifier-free guidance)."""
         return guidance_scale > 1.0
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's activations in the backward pass instead of keeping them
+        (`train.gradient_checkpointing`): the same gradients for less memory and about one more
+        forward. Forwards without gradients (sampling, the proximal and reference log-probs) are
+        unchanged."""
+        denoiser = self.denoiser
+        if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: the {type(denoiser).__name__} of {type(self).__name__} "
+                              "does not support gradient checkpointing; set it to false")
+        denoiser.enable_gradient_checkpointing()
+
+    # -- the frozen text encoders: each prompt encoded once per run -------------------------
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (text_encoder, text_encoder_2, ...)."""
+        return {name: module for name, module in self.pipe.components.items()
+                if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)}
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where `encode` runs: the text encoders' device (the CPU once they are offloaded)."""
+        encoders = list(self.text_encoders().values())
+        return next(encoders[0].parameters()).device if encoders else self.device
+
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str], with_negative: bool) -> tuple[Conditioning, Conditioning | None]:
+        """What `encode` returns, on the model's device, with each prompt's row from the prompt
+        cache: the text encoders are frozen, so a prompt is encoded once per run and sampling and
+        training reuse its row. A prompt the cache lacks is encoded alone, never beside others:
+        batched matmuls round a row differently with other rows beside it, and alone a row is
+        the same bits whatever batch asks for it, in a sampler and in a learner, before and after
+        a restart."""
+        rows = {prompt: self._row(prompt) for prompt in dict.fromkeys(prompts)}
+        cond = concat([_moved(rows[prompt], self.device) for prompt in prompts])
+        negative = self._row(NEGATIVE) if with_negative else None
+        return cond, None if negative is None else concat([_moved(negative, self.device)] * len(prompts))
+
+    def _row(self, prompt: str | None) -> Conditioning | None:
+        """A prompt's conditioning row (NEGATIVE: the empty prompt's, None in a family without
+        one), from the cache or encoded."""
+        row = self.prompt_cache.get(prompt)
+        if row is None:
+            row = self._encode_alone(prompt)
+            if row is not None:
+                row = _moved(row, self.device)
+                self.prompt_cache.put(prompt, row)
+        return row
+
+    def _encode_alone(self, prompt: str | None) -> Conditioning | None:
+        if prompt is NEGATIVE:
+            return self.encode([""], with_negative=True)[1]
+        return self.encode([prompt], with_negative=False)[0]
+
+    @torch.no_grad()
+    def offload_text_encoders(self, prompts: list[str], with_negative: bool) -> int:
+        """`model.offload_text_encoders`: encode `prompts` (and, `with_negative`, the empty prompt),
+        keep their rows for the run, then move the text encoders to the CPU, where a prompt
+        outside the set can still be encoded, slowly. The kept rows stay on the device while they
+        number at most `prompt_cache_size`, else they wait in host memory and move per batch (the
+        rows of 25k SD3.5 prompts take 68 GB). Returns the bytes of weights that left the device."""
+        keys = [*dict.fromkeys(prompts), *([NEGATIVE] if with_negative else [])]
+        keep_on = self.device if len(keys) <= self.prompt_cache.size else torch.device("cpu")
+        for key in keys:
+            row = self.prompt_cache.get(key)
+            row = self._encode_alone(key) if row is None else row
+            if row is not None:
+                self.prompt_cache.kept[key] = _moved(row, keep_on)
+            self.prompt_cache.recent.pop(key, None)
+        freed = 0
+        for encoder in self.text_encoders().values():
+            freed += sum(t.numel() * t.element_size() for t in [*encoder.parameters(), *encoder.buffers()]
+                         if t.device.type != "cpu")
+            encoder.to("cpu")
+        return freed
+
     def initial_latents(self, generators: list[torch.Generator], height: int, width: int,
                         dtype: torch.dtype) -> torch.Tensor:
         """x_T: each sample's noise from its own generator."""
@@ -141,7 +267,7 @@ class ModelFamily:
         dtype = self.denoiser.dtype
         if negative is None:
             return self.forward(latents.to(dtype), timesteps, cond, guidance_scale)
-        both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
+        both = concat([negative, cond])
         out = self.forward(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]),
                            both, guidance_scale)
         uncond, text = out.chunk(2)

@@ -23,7 +23,8 @@ class Flux(FlowMatchFamily):
         return np.linspace(1.0, 1 / num_steps, num_steps)  # as FluxPipeline
 
     def encode(self, prompts, with_negative):
-        embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.device, num_images_per_prompt=1,
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.text_encoder_device,
+                                                    num_images_per_prompt=1,
                                                     max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled": pooled}, None
 

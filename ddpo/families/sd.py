@@ -62,7 +62,7 @@ class StableDiffusion(DDIMFamily):
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def encode(self, prompts, with_negative):
-        embeds, negative = self.pipe.encode_prompt(prompts, self.device, num_images_per_prompt=1,
+        embeds, negative = self.pipe.encode_prompt(prompts, self.text_encoder_device, num_images_per_prompt=1,
                                                    do_classifier_free_guidance=with_negative)
         return {"prompt_embeds": embeds}, ({"prompt_embeds": negative} if with_negative else None)
 

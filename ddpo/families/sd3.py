@@ -91,7 +91,7 @@ class StableDiffusion3(FlowMatchFamily):
 
     def encode(self, prompts, with_negative):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompts, None, None, device=self.device, num_images_per_prompt=1,
+            prompts, None, None, device=self.text_encoder_device, num_images_per_prompt=1,
             do_classifier_free_guidance=with_negative, max_sequence_length=self.max_sequence_length)
         cond = {"prompt_embeds": embeds, "pooled": pooled}
         return cond, ({"prompt_embeds": negative, "pooled": negative_pooled} if with_negative else None)

@@ -23,7 +23,8 @@ class StableDiffusionXL(DDIMFamily):
 
     def encode(self, prompts, with_negative):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=with_negative)
+            prompts, device=self.text_encoder_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=with_negative)
         cond = {"prompt_embeds": embeds, "pooled": pooled}
         return cond, ({"prompt_embeds": negative, "pooled": negative_pooled} if with_negative else None)
 
