@@ -25,16 +25,23 @@ no-grad forward per step). Batches: sampler 8, learner minibatch 4 (halved on ou
 
 Phases, in order; each one's peak GPU memory is `torch.cuda.max_memory_allocated` since its start:
   build     the pipeline built, cast and saved (not timed as throughput)
-  sampler   `sample_trajectories`: one warm-up batch, then `--batches` timed batches
+  worker_sample  the colocated layout's one-model worker (`actors.worker.ColocatedWorker`: the
+            sampler and the learner rank in one process, one pipeline) loaded, then
+            `ColocatedWorker.sample` (Arrow out): one warm-up batch, then `--batches` timed batches
+  worker_train  `train` on the timed batches (random rewards): one warm-up update, then one timed
+            update (lag 0: no proximal recompute), on the same model. Then one device's epoch
+            without the reward: images_per_device_s = the timed images / (their sampling + the
+            update), and the MFU: the denoiser's FLOPs (`actors.usage.FlopMeter`, training counted
+            as 2x forward) over that time x the GPU's dense bf16 peak. The worker's peak is
+            `max_memory_allocated` from before its load to the end of its update
+  plan      `ddpo.memory.plan_memory` of this config (what `ddpo plan` prints): its device total
+            against the worker's measured peak (goal: within 15%)
   plain     `StableDiffusion3Pipeline.__call__` on the same prompts, seeds and settings
             (output_type "np": it decodes too), with the same LoRA attached (B = 0) and with it off
   ratio_bf16  the stored log-probs of the first timed batch's trajectories (`--ratio-samples`, default
             all 8) recomputed with `step_log_prob` in bfloat16, in minibatches of `--recompute-batch`
             samples (2: a shape other than the sampler's, as the learner's 4 is) with each sample's
             steps in a random order, as the learner does: |exp(lp_new - lp_stored) - 1|, max and mean
-  learner   `Learner.train` on the timed batches (random rewards): one warm-up update, then one
-            timed update (lag 0: no proximal recompute); the sampler's model stays on the GPU, as
-            in the colocated layout
   ratio_fp32  the same pipeline cast to float32 (the same weights): the bfloat16 trajectories
             recomputed in float32, and float32-sampled trajectories (a batch of `--ratio-samples`)
             recomputed in float32; TF32 as torch's defaults (recorded under `settings`)
@@ -54,9 +61,8 @@ travels as a wheel in .whl/ (ignored by .gitignore). Once, here, in the reposito
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
 
-Then one device call with carry [".whl"] and timeout_s 480. By estimate (not measured) the run
-takes about 3 minutes on an H100, the model's build and two loads included, and peaks near
-55 GiB in the learner phase (two bfloat16 copies of the model plus a minibatch's activations):
+Then one device call with carry [".whl"] and timeout_s 480 (the model's build and one load
+included; the figures of a run are in the README):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
@@ -86,6 +92,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -95,13 +102,15 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
 
+from actors.usage import FlopMeter, peak_flops  # noqa: E402
+from actors.worker import ColocatedWorker  # noqa: E402
 from ddpo.config import Config, load_config  # noqa: E402
 from ddpo.diffusion import Trajectories, sample_trajectories, step_log_prob  # noqa: E402
-from ddpo.families import ModelFamily  # noqa: E402
-from ddpo.lora import reference_policy  # noqa: E402
-from ddpo.pipeline import _TINY_VOCAB, load_policy, word_level_tokenizer  # noqa: E402
-from ddpo.trajectory import EpochTrajectories, to_record_batch  # noqa: E402
-from learner import Learner  # noqa: E402
+from ddpo.families import ModelFamily, PromptCache  # noqa: E402
+from ddpo.lora import get_lora_state, load_lora_state, reference_policy  # noqa: E402
+from ddpo.memory import plan_memory  # noqa: E402
+from ddpo.pipeline import _TINY_VOCAB, word_level_tokenizer  # noqa: E402
+from ddpo.trajectory import EpochTrajectories, TrainingBatch, to_training_batch  # noqa: E402
 
 # -- the model, at two sizes ------------------------------------------------------------------
 
@@ -183,7 +192,7 @@ LORA_TARGETS = ("[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_pro
 
 
 def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | None = None,
-                 train_batch: int | None = None) -> Config:
+                 train_batch: int | None = None, gradient_checkpointing: bool = False) -> Config:
     """configs/sd35_pickscore.yaml's sampling and training settings on one GPU."""
     settings = {
         "model.pretrained": folder, "model.dtype": dtype or args.dtype, "model.device": args.device,
@@ -196,12 +205,29 @@ def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | No
         "train.algorithm": "ddpo_is", "train.batch_size": train_batch or args.train_batch,
         "train.learning_rate": 3e-4, "train.timestep_fraction": 0.99, "train.cfg": True,
         "train.clip_range": args.clip_range, "train.kl_coef": args.kl_coef,
+        "train.gradient_checkpointing": gradient_checkpointing,
         "advantage.mode": "batch", "eval_images": 0, "output_dir": output_dir, "seed": args.seed,
     }
     return load_config(None, [f"{key}={value}" for key, value in settings.items()])
 
 
 # -- measuring --------------------------------------------------------------------------------
+
+
+def compare_plan(config: Config, measured_gib: float | None) -> dict:
+    """`ddpo plan`'s figures for `config` (one colocated device), and the relative errors (GPU
+    only) against a measured peak of its peak, and of its training side alone (what the device
+    holds while it trains: weights, LoRA and Adam state, prompt rows, the training activations)
+    for a measurement of an update alone."""
+    d = plan_memory(config).devices[0]
+    compared = {"plan": d.to_json()}
+    if measured_gib:
+        planned = d.peak_bytes / 2**30
+        training = (d.weights_bytes + d.trainable_bytes + d.prompt_cache_bytes + d.training_bytes) / 2**30
+        compared.update(planned_gib=planned, measured_peak_gib=measured_gib,
+                        error=(planned - measured_gib) / measured_gib, training_side_gib=training,
+                        training_side_error=(training - measured_gib) / measured_gib)
+    return compared
 
 
 def synchronize(device: torch.device) -> None:
@@ -234,9 +260,11 @@ def batch_inputs(index: int, batch_size: int) -> tuple[list[str], list[int]]:
     return [PROMPTS[i % len(PROMPTS)] for i in rows], [1000 + i for i in rows]
 
 
-def timed_batches(run, num_batches: int, batch_size: int, device: torch.device) -> tuple[list, list[float]]:
+def timed_batches(run, num_batches: int, batch_size: int, device: torch.device,
+                  warm_up: bool = True) -> tuple[list, list[float]]:
     """One warm-up batch (index 0), then `num_batches` timed ones (1..n): outputs and seconds."""
-    run(*batch_inputs(0, batch_size))
+    if warm_up:
+        run(*batch_inputs(0, batch_size))
     outputs, seconds = [], []
     for index in range(1, num_batches + 1):
         synchronize(device)
@@ -247,13 +275,13 @@ def timed_batches(run, num_batches: int, batch_size: int, device: torch.device) 
     return outputs, seconds
 
 
-def first_rows(trajectories: Trajectories, n: int) -> Trajectories:
-    t = trajectories
-    return Trajectories(t.prompts[:n], t.seeds[:n], t.latents[:n], t.log_probs[:n], t.timesteps[:n], t.images[:n])
+def first_rows(batch, n: int) -> TrainingBatch:
+    """The first `n` trajectories of a sample batch (Arrow), as the learner reads them."""
+    return to_training_batch(batch.slice(0, n))
 
 
 @torch.no_grad()
-def recompute_log_probs(model: ModelFamily, trajectories: Trajectories, config: Config, batch_size: int,
+def recompute_log_probs(model: ModelFamily, trajectories: Trajectories | TrainingBatch, config: Config, batch_size: int,
                         seed: int = 0) -> torch.Tensor:
     """Every stored step's log-prob [B, T] under the model's current weights and dtype, as the
     learner computes it: minibatches of `batch_size` samples, conditioning encoded per minibatch,
@@ -301,7 +329,7 @@ def dtype_verdict(errors: dict, clip_range: float) -> str:
             f"well above the bfloat16 noise")
 
 
-def trajectory_stats(trajectories: Trajectories) -> dict:
+def trajectory_stats(trajectories: TrainingBatch) -> dict:
     """Sizes of the random model's latents and log-probs, to judge the ratio errors by."""
     latents = trajectories.latents.float()
     return {"x_T_std": float(latents[:, 0].std()), "x_0_std": float(latents[:, -1].std()),
@@ -398,6 +426,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--workdir", help="scratch folder for the built weights (default: /dev/shm or temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replan", metavar="JSON",
+                        help="no run: plan a run's model again (its saved folder configs) against its measured peaks")
     args = parser.parse_args(argv)
     size = SIZES["tiny" if args.tiny else "sd35_medium"]
     args.sample_batch = args.sample_batch or size.sample_batch
@@ -406,8 +436,27 @@ def parse_args(argv: list[str] | None):
     return args, size
 
 
+def replan(args, size: Size) -> dict:
+    """`--replan`: the memory plans of an earlier run (its JSON), made again by today's planner
+    from the model configs it saved, against the peaks it measured (for a planner that changed
+    since, without a GPU)."""
+    earlier = json.loads(Path(args.replan).read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "sd35"
+        for name, content in earlier["model"]["folder_configs"].items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(content))
+        result = {phase: compare_plan(bench_config(args, size, str(folder), scratch, gradient_checkpointing=checkpointed),
+                                      earlier[phase]["measured_peak_gib"])
+                  for phase, checkpointed in (("plan", False), ("plan_checkpointed", True))}
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, size = parse_args(argv)
+    if args.replan:
+        return replan(args, size)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -455,26 +504,116 @@ def run(args, size: Size) -> dict:
             pipe.save_pretrained(folder)
             result["build"] = {"build_s": built, "save_s": time.perf_counter() - start,
                                "folder_gib": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**30}
+            # the folder's configs (no weights): what `ddpo plan` reads, to plan this model again elsewhere
+            result["model"]["folder_configs"] = {str(f.relative_to(folder)): json.loads(f.read_text())
+                                                 for f in sorted(Path(folder).rglob("*.json"))
+                                                 if not f.name.endswith(".index.json")}
             del pipe, transformer
             free_memory(device)
             return True
 
-        def sampler():
+        def worker_sample():
+            """The colocated layout's one-model worker (sampler and learner rank in one process):
+            a warm-up batch, then the timed batches, through `ColocatedWorker.sample` (Arrow out)."""
+            reset_peak(device)  # the worker's peak, from its load to the end of its update
             start = time.perf_counter()
-            model = load_policy(config)
+            worker = ColocatedWorker(config)
             load_s = time.perf_counter() - start
-            resident = reset_peak(device)
-            sample = lambda prompts, seeds: sample_trajectories(model, prompts, seeds, config.sample)  # noqa: E731
-            trajectories, seconds = timed_batches(sample, args.batches, args.sample_batch, device)
-            start = time.perf_counter()
-            for index, t in enumerate(trajectories):
-                to_record_batch(t, f"record-{index}", 0)
-            record_s = (time.perf_counter() - start) / len(trajectories)
+            meter = FlopMeter(worker.model.denoiser)
+            resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            sample = lambda prompts, seeds: worker.sample(f"batch-{seeds[0]}", prompts, seeds)[0]  # noqa: E731
+            worker.sample("warm-up", *batch_inputs(0, args.sample_batch))
+            flops = meter.total
+            batches, seconds = timed_batches(sample, args.batches, args.sample_batch, device, warm_up=False)
             result["sampler"] = {"images_per_s": args.batches * args.sample_batch / sum(seconds), "batch_s": seconds,
-                                 "to_record_batch_s": record_s, "load_s": load_s, "resident_gib": resident,
-                                 "peak_gib": peak_gib(device)}
-            result["trajectories"] = trajectory_stats(trajectories[0])
-            state.update(model=model, trajectories=trajectories)
+                                 "load_s": load_s, "resident_gib": resident, "peak_gib": peak_gib(device),
+                                 "flops": meter.total - flops}
+            result["trajectories"] = trajectory_stats(first_rows(batches[0], args.sample_batch))
+            state.update(worker=worker, model=worker.model, batches=batches, meter=meter,
+                         sampled_weights=get_lora_state(worker.model.denoiser))
+            return True
+
+        def worker_train():
+            """One warm-up update, then one timed update, on the timed batches (random rewards),
+            on the same model; the train batch halves on out-of-memory."""
+            worker, meter = state["worker"], state["meter"]
+            rewards = np.random.default_rng(args.seed)
+            out_of_memory = []
+
+            def epoch(tag: str) -> tuple[EpochTrajectories, list[np.ndarray]]:
+                # tagged with the worker's current version: lag 0, no proximal recompute
+                batches = [b.set_column(b.schema.get_field_index("policy_version"), "policy_version",
+                                        pa.array([worker.policy_version] * b.num_rows, pa.int64()))
+                           .set_column(b.schema.get_field_index("batch_id"), "batch_id",
+                                       pa.array([f"{tag}-{i}"] * b.num_rows))
+                           for i, b in enumerate(state["batches"])]
+                return EpochTrajectories.from_batches(batches), [rewards.normal(size=b.num_rows) for b in batches]
+
+            while True:
+                try:
+                    warm_up = worker.train(*epoch("warm-up"))
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    out_of_memory.append(worker.config.train.batch_size)
+                    if worker.config.train.batch_size == 1:
+                        raise
+                    worker.optimizer.zero_grad(set_to_none=True)
+                    worker.config.train.batch_size //= 2
+                    free_memory(device)
+            timed_epoch = epoch("timed")
+            flops = meter.total
+            synchronize(device)
+            start = time.perf_counter()
+            metrics = worker.train(*timed_epoch)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            diagnostics = ("loss", "approx_kl", "clipfrac", "kl_ref", "grad_norm", "time_proximal_s")
+            steps_trained = max(1, int(config.sample.num_steps * config.train.timestep_fraction))
+            train_batch = worker.config.train.batch_size
+            result["learner"] = {
+                "samples_per_s": metrics["num_samples"] / seconds, "update_s": seconds,
+                "num_samples": metrics["num_samples"], "train_batch": train_batch, "steps_trained": steps_trained,
+                "forward_backward_per_update": math.ceil(metrics["num_samples"] / train_batch) * steps_trained,
+                "flops": meter.total - flops, "out_of_memory_at_train_batch": out_of_memory,
+                "warm_up": {k: warm_up[k] for k in diagnostics if k in warm_up},
+                "timed": {k: metrics[k] for k in diagnostics if k in metrics}}
+            # one device's epoch without the reward: the timed batches sampled, then trained on
+            epoch_s = sum(result["sampler"]["batch_s"]) + seconds
+            peak = peak_flops(device, worker.model.denoiser.dtype)
+            result["worker"] = {
+                "images_per_device_s": args.batches * args.sample_batch / epoch_s, "epoch_s": epoch_s,
+                "mfu": (result["sampler"]["flops"] + result["learner"]["flops"]) / (epoch_s * peak) if peak else None,
+                "mfu_sampling": result["sampler"]["flops"] / (sum(result["sampler"]["batch_s"]) * peak) if peak else None,
+                "mfu_training": result["learner"]["flops"] / (seconds * peak) if peak else None,
+                "peak_flops": peak, "peak_gib": peak_gib(device),
+                "note": "one device, sample + one update on the same images, no reward model; FLOPs counted by "
+                        "actors.usage.FlopMeter (training: 2x forward)"}
+            load_lora_state(worker.model.denoiser, state["sampled_weights"])  # back to the sampling weights
+            return True
+
+        def plan():
+            """The memory plan for this config (`ddpo plan`) against the worker's measured peak;
+            then one more update with `train.gradient_checkpointing` on, its peak against the
+            plan of that config (the worker's weights, LoRA, Adam state and prompt rows stay)."""
+            worker = state["worker"]
+            result["plan"] = compare_plan(config, result["worker"]["peak_gib"])
+            checkpointed = bench_config(args, size, folder, output_dir, train_batch=worker.config.train.batch_size,
+                                        gradient_checkpointing=True)
+            worker.model.enable_gradient_checkpointing()
+            reset_peak(device)
+            batches = [b.set_column(b.schema.get_field_index("policy_version"), "policy_version",
+                                    pa.array([worker.policy_version] * b.num_rows, pa.int64()))
+                       .set_column(b.schema.get_field_index("batch_id"), "batch_id",
+                                   pa.array([f"checkpointed-{i}"] * b.num_rows))
+                       for i, b in enumerate(state["batches"])]
+            synchronize(device)
+            start = time.perf_counter()
+            worker.train(EpochTrajectories.from_batches(batches),
+                         [np.random.default_rng(args.seed).normal(size=b.num_rows) for b in batches])
+            synchronize(device)
+            result["plan_checkpointed"] = {**compare_plan(checkpointed, peak_gib(device)),
+                                           "update_s": time.perf_counter() - start}
+            load_lora_state(worker.model.denoiser, state["sampled_weights"])
             return True
 
         def plain():
@@ -501,36 +640,18 @@ def run(args, size: Size) -> dict:
         ratio_errors = result.setdefault("ratio_error", {"clip_range": args.clip_range})
 
         def ratio_bf16():
-            model, stored = state["model"], first_rows(state["trajectories"][0], args.ratio_samples)
+            model, stored = state["model"], first_rows(state["batches"][0], args.ratio_samples)
             recomputed = recompute_log_probs(model, stored, config, args.recompute_batch, args.seed)
             name = f"{_short(model)}_sampled_{_short(model)}_recomputed"
             ratio_errors[name] = ratio_error(recomputed, stored.log_probs, args.clip_range)
-            return True
-
-        def learner():
-            rewards_rng = np.random.default_rng(args.seed)
-            out_of_memory = []
-            train_batch = args.train_batch
-            while True:
-                try:
-                    measured = bench_learner(args, size, folder, output_dir, train_batch, state["trajectories"],
-                                             rewards_rng, device)
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    out_of_memory.append(train_batch)
-                    if train_batch == 1:
-                        raise
-                train_batch //= 2
-                free_memory(device)
-            free_memory(device)
-            result["learner"] = {**measured, "out_of_memory_at_train_batch": out_of_memory}
             return True
 
         def ratio_fp32():
             model = state["model"]
             was = _short(model)
             model.pipe.to(dtype=torch.float32)  # the same weights, float32 (the LoRA already is)
-            stored = first_rows(state["trajectories"][0], args.ratio_samples)
+            model.prompt_cache = PromptCache(config.model.prompt_cache_size)  # its rows were bfloat16
+            stored = first_rows(state["batches"][0], args.ratio_samples)
             reset_peak(device)
             recomputed = recompute_log_probs(model, stored, config, args.recompute_batch, args.seed)
             ratio_errors[f"{was}_sampled_fp32_recomputed"] = ratio_error(recomputed, stored.log_probs, args.clip_range)
@@ -542,10 +663,11 @@ def run(args, size: Size) -> dict:
             return True
 
         built = phases.run("build", build)
-        sampled = phases.run("sampler", sampler, built)
+        sampled = phases.run("worker_sample", worker_sample, built)
+        trained = phases.run("worker_train", worker_train, sampled)
+        phases.run("plan", plan, trained)
         phases.run("plain", plain, sampled)
         phases.run("ratio_bf16", ratio_bf16, sampled)
-        phases.run("learner", learner, sampled)
         phases.run("ratio_fp32", ratio_fp32, sampled)
         ratio_errors["verdict"] = dtype_verdict(ratio_errors, args.clip_range)
         ratio_errors["note"] = (
@@ -563,38 +685,6 @@ def run(args, size: Size) -> dict:
 
 def _short(model: ModelFamily) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[model.denoiser.dtype]
-
-
-def bench_learner(args, size: Size, folder: str, output_dir: str, train_batch: int,
-                  trajectories: list[Trajectories], rewards_rng: np.random.Generator, device: torch.device) -> dict:
-    """One warm-up update, then one timed update, on the sampled batches (random rewards)."""
-    config = bench_config(args, size, folder, output_dir, train_batch=train_batch)
-    start = time.perf_counter()
-    learner = Learner(config)
-    load_s = time.perf_counter() - start
-
-    def epoch(tag: str) -> tuple[EpochTrajectories, list[np.ndarray]]:
-        # tagged with the learner's current version: lag 0, no proximal recompute
-        batches = [to_record_batch(t, f"{tag}-{i}", learner.policy_version) for i, t in enumerate(trajectories)]
-        return (EpochTrajectories.from_batches(batches),
-                [rewards_rng.normal(size=len(t.prompts)) for t in trajectories])
-
-    warm_up = learner.train(*epoch("warm-up"))
-    resident = reset_peak(device)
-    timed_epoch = epoch("timed")
-    synchronize(device)
-    start = time.perf_counter()
-    metrics = learner.train(*timed_epoch)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    diagnostics = ("loss", "approx_kl", "clipfrac", "kl_ref", "grad_norm", "time_proximal_s")
-    steps_trained = max(1, int(config.sample.num_steps * config.train.timestep_fraction))
-    return {"samples_per_s": metrics["num_samples"] / seconds, "update_s": seconds,
-            "num_samples": metrics["num_samples"], "train_batch": train_batch, "steps_trained": steps_trained,
-            "forward_backward_per_update": math.ceil(metrics["num_samples"] / train_batch) * steps_trained,
-            "load_s": load_s, "resident_gib": resident, "peak_gib": peak_gib(device),
-            "warm_up": {k: warm_up[k] for k in diagnostics if k in warm_up},
-            "timed": {k: metrics[k] for k in diagnostics if k in metrics}}
 
 
 if __name__ == "__main__":

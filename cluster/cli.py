@@ -6,6 +6,7 @@
     ddpo eval RUN_DIR [--checkpoint NAME | --base] [--num-per-prompt N] [--seed S] [--out FILE.json]
               [--batch-size B] [--set key=value ...] [--address ADDRESS]
     ddpo export RUN_DIR --out DIR [--checkpoint NAME] [--merge [--device D] [--dtype T]]
+    ddpo plan [--config FILE] [--set key=value ...] [--gpu-memory GB] [--json]
 
 ADDRESS: a Ray cluster to join, `auto` (the one running on this machine), `ray://host:port` (its
 Ray Client server) or `host:port` (its head's GCS); with none, a local Ray instance starts.
@@ -24,6 +25,11 @@ the run's reward (or another through --set reward...), the reward on Ray in the 
 in training, and prints and writes the mean and standard error overall and per prompt; `ddpo
 export` writes a checkpoint as a diffusers folder with a model card: the LoRA alone, or with
 `--merge` fused into the base pipeline.
+
+Before a launch: `ddpo plan` prints the memory each device of the config's layout will need
+(ddpo/memory.py: weights, LoRA and AdamW, activations of sampling, decode and training, from
+real shapes on the meta device), and whether it fits; `ddpo train` refuses, in one line, a
+layout that cannot fit, before any model loads.
 """
 
 from __future__ import annotations
@@ -332,6 +338,7 @@ def job_stop_wait_note(grace_s: float) -> str | None:
 
 def train(args) -> int:
     config, address, source = _prepare(args)
+    check_memory(config, address)
     import ray
 
     from cluster.driver import ActorLost, Driver
@@ -432,6 +439,67 @@ def _stopped(stop: GracefulStop, driver, run_dir: Path) -> int:
     return stop.exit_status
 
 
+def _device_memory(config, gpu_memory_gb: float | None, local: bool) -> int | None:
+    """A device's memory in bytes: --gpu-memory, else cluster.device_memory_gb, else (`local`:
+    the model runs on this machine) this machine's GPU when the model runs on one; else None."""
+    from ddpo.memory import GIB, local_device_memory
+
+    if gpu_memory_gb is not None:
+        if not (gpu_memory_gb > 0 and math.isfinite(gpu_memory_gb)):
+            raise UsageError(f"--gpu-memory: must be a number > 0 (GiB), got {gpu_memory_gb:g}")
+        return int(gpu_memory_gb * GIB)
+    if config.cluster.device_memory_gb is not None:
+        return int(config.cluster.device_memory_gb * GIB)
+    if local and config.model.device != "cpu":
+        return local_device_memory()
+    return None
+
+
+def _planned_layout(config, local: bool):
+    """The config with the `auto` counts and layout of `cluster` resolved for this machine, as a
+    local Ray instance would see it (its CPUs and GPUs); unresolved for a remote cluster."""
+    if not local:
+        return config
+    import torch
+
+    from cluster.placement import resolve_layout
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return resolve_layout(config, {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)})
+
+
+def check_memory(config, address: str | None) -> None:
+    """Before Ray starts and any model loads: the memory plan of the run's layout (ddpo/memory.py),
+    a layout that cannot fit refused in one line (MemoryPlanError) with the knobs to turn. Nothing
+    is planned, and nothing refused, when the device memory is unknown."""
+    memory = _device_memory(config, None, local=address is None)
+    if memory is None:
+        return
+    from ddpo.memory import MemoryPlanError, PlanUnavailable, plan_memory
+
+    try:
+        plan = plan_memory(_planned_layout(config, address is None), memory)
+    except PlanUnavailable as err:
+        print(f"memory plan: skipped ({err})")
+        return
+    refusal = plan.refusal()
+    if refusal:
+        raise MemoryPlanError(refusal)
+
+
+def plan(args) -> int:
+    """`ddpo plan`: the memory each device of the config's layout will need, before any launch."""
+    from ddpo.config import load_config
+    from ddpo.memory import describe, plan_memory
+
+    config = load_config(args.config or embedded_config(), args.set)
+    local = config.cluster.address is None
+    memory = _device_memory(config, args.gpu_memory, local)
+    result = plan_memory(_planned_layout(config, local), memory)
+    print(json.dumps(result.to_json(), indent=2) if args.json else describe(result))
+    return 0
+
+
 def sample(args) -> int:
     _check_seed(args.seed)
     from cluster.workflow import sample_run
@@ -501,6 +569,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true",
                    help="serve TensorBoard for the run on 127.0.0.1 while it runs, and print its URL")
     p.set_defaults(func=train, parser=p)
+
+    p = commands.add_parser("plan", help="the GPU memory each device of a config's layout will need, before launch")
+    p.add_argument("--config", type=_nonempty, help=f"YAML config (default: the embedded configs/{DEFAULT_CONFIG})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.gradient_checkpointing=true (repeatable)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="a device's memory in GiB (default: cluster.device_memory_gb, else this machine's GPU, "
+                        "else unknown)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=plan, parser=p)
 
     p = commands.add_parser("sample", help="sample images from a run's checkpoint (or its base model)")
     _add_run_arguments(p, base=True)
