@@ -6,8 +6,10 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cluster.cli import STOP_MARGIN_S, job_stop_wait_note
@@ -31,14 +33,14 @@ def _asks():
 
 
 def test_the_sd15_configs_keep_every_gpu_busy():
-    """Each config's layout puts a sampler and a learner rank on every GPU its diffusers work
-    uses (colocated: each GPU samples, then trains), and the reward actors in what is left."""
+    """Each config's layout puts a worker (a sampler and a learner rank, one model) on every GPU
+    its diffusers work uses (colocated: each GPU samples, then trains), and the reward actors in
+    what is left."""
     for name, reward_gpus in [("sd15_aesthetic", 0), ("sd15_compressibility", 0), ("sd15_incompressibility", 0),
                               ("sd15_alignment", 1)]:
         devices = _devices(name)
         pairs = [names for names in devices.members if not names[0].startswith("reward")]
-        assert all(len(names) == 2 and names[0].startswith("sampler") and names[1].startswith("learner")
-                   for names in pairs), name
+        assert all(names == [f"worker-{i}"] for i, names in enumerate(pairs)), name
         # a device bundle per GPU (more than half a GPU each: no two share one), the reward's
         # whole GPUs beside them, and fractions of a GPU fit in what the devices leave
         assert all(0.5 < devices.bundles[devices.index[names[0]]]["GPU"] <= 1 for names in pairs), name
@@ -132,7 +134,8 @@ def test_kuberay_pre_stop_hooks_signal_the_driver_and_wait_for_the_learner(tmp_p
     pods = _pods(yaml.safe_load((ROOT / "cluster" / "rayjob_sd15_aesthetic.yaml").read_text()))
     marker = f"stand-in-{os.getpid()}"
     head_hook = _pre_stop(pods["head"]).replace("d=ddpo", f"d={marker}")
-    worker_hook = _pre_stop(pods["gpu-8x"]).replace('"ray::LearnerActor"', f'"{marker}-learner"')
+    worker_hook = _pre_stop(pods["gpu-8x"]).replace('"ray::LearnerActor"', f'"{marker}-learner"').replace(
+        '"ray::WorkerActor"', f'"{marker}-worker"')
     assert head_hook != _pre_stop(pods["head"]) and worker_hook != _pre_stop(pods["gpu-8x"])
 
     # a driver that exits 143 on SIGTERM, its command line holding `<marker> train`
@@ -147,12 +150,17 @@ def test_kuberay_pre_stop_hooks_signal_the_driver_and_wait_for_the_learner(tmp_p
         driver.kill()
         driver.wait()
 
-    learner = subprocess.Popen(["/bin/bash", "-c", f"exec -a {marker}-learner sleep 60"])
-    try:
-        hook = subprocess.Popen(["/bin/sh", "-c", worker_hook])
-        learner.kill()
-        learner.wait()
-        assert hook.wait(timeout=30) == 0
-    finally:
-        learner.kill()
-        learner.wait()
+    for role in ("learner", "worker"):  # a learner rank of its own, or a colocated worker
+        learner = subprocess.Popen(["/bin/bash", "-c", f"exec -a {marker}-{role} sleep 60"])
+        try:
+            while not Path(f"/proc/{learner.pid}/cmdline").read_bytes().startswith(f"{marker}-{role}".encode()):
+                time.sleep(0.01)  # bash has not exec'd it under that name yet
+            hook = subprocess.Popen(["/bin/sh", "-c", worker_hook])
+            with pytest.raises(subprocess.TimeoutExpired):  # it waits while the rank runs
+                hook.wait(timeout=1.5)
+            learner.kill()
+            learner.wait()
+            assert hook.wait(timeout=30) == 0
+        finally:
+            learner.kill()
+            learner.wait()

@@ -108,7 +108,7 @@ def test_stop_signals_leave_a_run_that_resumes_to_the_same_result(ray_session, t
     proc, out, err = _ddpo_train(tmp_path, "second", "--resume", str(run_dir), "--set", "checkpoint_every_s=0.001")
     try:
         _wait_for("checkpoint by time", lambda: resume_checkpoint(run_dir) != first, deadline, proc, err)
-        (learner,) = [p for p in _session(proc.pid) if _title(p).startswith("ray::LearnerActor")]
+        (learner,) = [p for p in _session(proc.pid) if _title(p).startswith("ray::WorkerActor")]
         learner.suspend()
         os.killpg(proc.pid, signal.SIGINT)
         _wait_for("Ctrl-C's line", lambda: "\nCtrl-C: stopping at the next safe point" in err.read_text(),
