@@ -208,7 +208,7 @@ def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | No
         "train.gradient_checkpointing": gradient_checkpointing,
         "advantage.mode": "batch", "eval_images": 0, "output_dir": output_dir, "seed": args.seed,
     }
-    return load_config(None, [f"{key}={value}" for key, value in settings.items()])
+    return load_config(None, [f"{key}={value}" for key, value in settings.items()] + args.set)
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -331,11 +331,12 @@ def dtype_verdict(errors: dict, clip_range: float) -> str:
 
 def trajectory_stats(trajectories: TrainingBatch) -> dict:
     """Sizes of the random model's latents and log-probs, to judge the ratio errors by."""
-    latents = trajectories.latents.float()
+    latents, log_probs = trajectories.latents.float(), trajectories.log_probs
     return {"x_T_std": float(latents[:, 0].std()), "x_0_std": float(latents[:, -1].std()),
             "x_0_finite": bool(torch.isfinite(latents[:, -1]).all()),
-            "log_prob_mean": float(trajectories.log_probs.mean()),
-            "log_prob_per_step_mean": [float(v) for v in trajectories.log_probs.mean(dim=0)]}
+            **({} if log_probs is None else {  # none: an ODE sample (DiffusionNFT)
+                "log_prob_mean": float(log_probs.mean()),
+                "log_prob_per_step_mean": [float(v) for v in log_probs.mean(dim=0)]})}
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -345,11 +346,14 @@ class Phases:
     """Runs the phases in order under the time guard, recording skips, errors and seconds, and
     rewriting the JSON (`out`) after each one."""
 
-    def __init__(self, result: dict, max_seconds: float, out: str | None):
-        self.result, self.max_seconds, self.out = result, max_seconds, out
+    def __init__(self, result: dict, max_seconds: float, out: str | None, skip: list[str] = ()):
+        self.result, self.max_seconds, self.out, self.skip = result, max_seconds, out, set(skip)
         self.start = time.perf_counter()
 
     def run(self, name: str, phase, *needs):
+        if name in self.skip:
+            self.result["skipped"][name] = "--skip"
+            return None
         if any(need is None for need in needs):
             self.result["skipped"][name] = "an earlier phase it needs did not finish"
             return None
@@ -426,6 +430,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--workdir", help="scratch folder for the built weights (default: /dev/shm or temp)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override after the settings above (another method: an SDE window, "
+                             "DiffusionNFT, ...), repeatable")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="PHASE", help="phases not to run")
     parser.add_argument("--replan", metavar="JSON",
                         help="no run: plan a run's model again (its saved folder configs) against its measured peaks")
     args = parser.parse_args(argv)
@@ -478,10 +486,10 @@ def run(args, size: Size) -> dict:
                      "kl_coef": args.kl_coef, "clip_range": args.clip_range, "ratio_samples": args.ratio_samples,
                      "recompute_batch": args.recompute_batch, "text_encoders": f"2 CLIP, {size.clip_layers} layers, no T5",
                      "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-                     "tf32_cudnn": torch.backends.cudnn.allow_tf32},
+                     "tf32_cudnn": torch.backends.cudnn.allow_tf32, "overrides": args.set},
         "skipped": {}, "errors": {}, "phase_s": {},
     }
-    phases = Phases(result, args.max_seconds, args.out)
+    phases = Phases(result, args.max_seconds, args.out, args.skip)
     state: dict = {}
     with tempfile.TemporaryDirectory(prefix="flow_gpu_", dir=scratch_root(device, args.workdir)) as scratch:
         folder, output_dir = str(Path(scratch) / "sd35"), str(Path(scratch) / "runs")
@@ -568,7 +576,7 @@ def run(args, size: Size) -> dict:
             synchronize(device)
             seconds = time.perf_counter() - start
             diagnostics = ("loss", "approx_kl", "clipfrac", "kl_ref", "grad_norm", "time_proximal_s")
-            steps_trained = max(1, int(config.sample.num_steps * config.train.timestep_fraction))
+            steps_trained = max(1, int(worker.num_steps * config.train.timestep_fraction))  # of the stored (or, NFT, all)
             train_batch = worker.config.train.batch_size
             result["learner"] = {
                 "samples_per_s": metrics["num_samples"] / seconds, "update_s": seconds,
