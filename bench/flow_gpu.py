@@ -214,6 +214,17 @@ def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | No
 # -- measuring --------------------------------------------------------------------------------
 
 
+def lag0_epoch(batches: list, tag: str, policy_version: int,
+               rewards: np.random.Generator) -> tuple[EpochTrajectories, list[np.ndarray]]:
+    """The sampled batches as a new epoch for `train`: ids `<tag>-<i>` (never trained on yet),
+    tagged with the learner's current version (lag 0: no proximal recompute), random rewards."""
+    tagged = [b.set_column(b.schema.get_field_index("policy_version"), "policy_version",
+                           pa.array([policy_version] * b.num_rows, pa.int64()))
+              .set_column(b.schema.get_field_index("batch_id"), "batch_id", pa.array([f"{tag}-{i}"] * b.num_rows))
+              for i, b in enumerate(batches)]
+    return EpochTrajectories.from_batches(tagged), [rewards.normal(size=b.num_rows) for b in tagged]
+
+
 def compare_plan(config: Config, measured_gib: float | None) -> dict:
     """`ddpo plan`'s figures for `config` (one colocated device), and the relative errors (GPU
     only) against a measured peak of its peak, and of its training side alone (what the device
@@ -549,13 +560,7 @@ def run(args, size: Size) -> dict:
             out_of_memory = []
 
             def epoch(tag: str) -> tuple[EpochTrajectories, list[np.ndarray]]:
-                # tagged with the worker's current version: lag 0, no proximal recompute
-                batches = [b.set_column(b.schema.get_field_index("policy_version"), "policy_version",
-                                        pa.array([worker.policy_version] * b.num_rows, pa.int64()))
-                           .set_column(b.schema.get_field_index("batch_id"), "batch_id",
-                                       pa.array([f"{tag}-{i}"] * b.num_rows))
-                           for i, b in enumerate(state["batches"])]
-                return EpochTrajectories.from_batches(batches), [rewards.normal(size=b.num_rows) for b in batches]
+                return lag0_epoch(state["batches"], tag, worker.policy_version, rewards)
 
             while True:
                 try:
@@ -609,15 +614,11 @@ def run(args, size: Size) -> dict:
                                         gradient_checkpointing=True)
             worker.model.enable_gradient_checkpointing()
             reset_peak(device)
-            batches = [b.set_column(b.schema.get_field_index("policy_version"), "policy_version",
-                                    pa.array([worker.policy_version] * b.num_rows, pa.int64()))
-                       .set_column(b.schema.get_field_index("batch_id"), "batch_id",
-                                   pa.array([f"checkpointed-{i}"] * b.num_rows))
-                       for i, b in enumerate(state["batches"])]
+            checkpointed_epoch = lag0_epoch(state["batches"], "checkpointed", worker.policy_version,
+                                            np.random.default_rng(args.seed))
             synchronize(device)
             start = time.perf_counter()
-            worker.train(EpochTrajectories.from_batches(batches),
-                         [np.random.default_rng(args.seed).normal(size=b.num_rows) for b in batches])
+            worker.train(*checkpointed_epoch)
             synchronize(device)
             result["plan_checkpointed"] = {**compare_plan(checkpointed, peak_gib(device)),
                                            "update_s": time.perf_counter() - start}
