@@ -19,19 +19,26 @@ Scored = tuple[str, np.ndarray, dict[str, list]]  # (batch_id, rewards [B], info
 
 class RewardWorker:
     def __init__(self, reward: RewardConfig):
-        self.terms = [(t.name, t.weight, load_reward(t.name, t.params)) for t in reward.terms()]
+        # the trained reward, and the held-out one (`reward.heldout`, the guard's; may be empty)
+        self.terms = {"trained": [(t.name, t.weight, load_reward(t.name, t.params)) for t in reward.terms()],
+                      "heldout": [(t.name, t.weight, load_reward(t.name, t.params)) for t in reward.heldout]}
 
-    def score(self, *batches: pa.RecordBatch) -> list[Scored]:
-        """(batch_id, rewards, info) for each sample batch (rows without latents). Several
-        batches are scored as one: a model reward sees one large batch."""
+    def score(self, *batches: pa.RecordBatch, prompt_metadata: dict[str, dict] | None = None,
+              heldout: bool = False) -> list[Scored]:
+        """(batch_id, rewards, info) for each sample batch (rows without latents), by the trained
+        reward or the held-out one. Several batches are scored as one: a model reward sees one
+        large batch. A row's metadata is its prompt's (`prompt_metadata`: the prompts file's
+        JSON Lines fields) with its batch id, seed and policy version."""
+        terms = self.terms["heldout" if heldout else "trained"]
         table = pa.Table.from_batches(batches)
         images, prompts = images_of(table), table.column("prompt").to_pylist()
-        metadata = table.select(["batch_id", "seed", "policy_version"]).to_pylist()
+        rows = table.select(["batch_id", "seed", "policy_version"]).to_pylist()
+        metadata = [{**(prompt_metadata or {}).get(prompt, {}), **row} for prompt, row in zip(prompts, rows)]
         total, info = np.zeros(len(images), np.float32), {}
-        for name, weight, fn in self.terms:
+        for name, weight, fn in terms:
             rewards, term_info = compute_reward(name, fn, images, prompts, metadata)
             total += weight * rewards  # r = sum_i w_i r_i
-            if len(self.terms) == 1:
+            if len(terms) == 1:
                 info = term_info
             else:  # each term's reward and extras, under its name
                 info[name] = rewards.tolist()

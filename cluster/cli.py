@@ -399,6 +399,10 @@ def train(args) -> int:
         history = driver.fit(start_epoch)
         if stop.requested.is_set() and not driver.completed:
             return _stopped(stop, driver, run_dir)
+        if driver.guard_stop is not None:
+            saved = driver.save_checkpoint()
+            _say(f"stopped by the reward-hacking guard after epoch {driver.policy_version - 1} (checkpoint {saved}); "
+                 f"the best held-out weights: ddpo export {run_dir} --checkpoint best --out DIR", sys.stdout)
     except ray.exceptions.RayActorError as err:
         if driver is None:
             raise

@@ -12,6 +12,8 @@ k = 0 is the paper's synchronous algorithm.
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import sys
 import threading
 import time
@@ -30,8 +32,10 @@ from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
 from cluster.remote_policy import LearnerActor, SamplerActor, WorkerActor
 from cluster.reward_pool import RewardPool
-from cluster.run_dir import RunRecorder, is_checkpoint_epoch, latest_checkpoint, resume_checkpoint, with_rewards
+from cluster.run_dir import (RunRecorder, eval_metrics, is_checkpoint_epoch, latest_checkpoint, read_metrics,
+                             resume_checkpoint, with_rewards)
 from ddpo.config import Config
+from ddpo.guard import Evaluation, HackingGuard
 from ddpo.plan import SampleBatchSpec, epoch_plan, eval_plan, fresh_batches
 from ddpo.trajectory import EpochTrajectories
 
@@ -45,6 +49,20 @@ STOP_POLL_S = 0.25
 class ActorLost(RuntimeError):
     """An actor died for good (a sampler or reward actor out of restarts, a learner rank after
     the learner group's restarts)."""
+
+
+class RolledBack(Exception):
+    """The reward-hacking guard rolled the learners back to the best held-out checkpoint: the
+    run goes on from `epoch`."""
+
+    def __init__(self, epoch: int):
+        super().__init__(epoch)
+        self.epoch = epoch
+
+
+# the reward-hacking guard's rollbacks in a run: each halves the learning rate; after the last,
+# the next time the guard fires it stops the run
+MAX_ROLLBACKS = 3
 
 
 class WriteFailed(RuntimeError):
@@ -94,6 +112,7 @@ class Driver:
         self.config = config
         self.run_dir = run_dir
         self.prompts = config.load_prompts()
+        self.prompt_metadata = config.load_prompt_metadata()
         c = config.cluster
         self.placement = Placement(config)
         self.policy_version = 0
@@ -127,6 +146,11 @@ class Driver:
         self.epoch_start = time.perf_counter()
         self.last_checkpoint_at = time.monotonic()  # for `checkpoint_every_s`
         self.completed = False  # fit() trained the last epoch
+        r = config.reward
+        self.guard = HackingGuard(r.heldout_tolerance, r.heldout_patience) if r.heldout else None
+        self.guard_stop: str | None = None  # the guard stopped the run: its line
+        self.rollbacks = 0
+        self.last_eval: tuple[int, pa.Table] | None = None  # (policy_version, the eval batch scored)
 
     @staticmethod
     def _install_grafana_dashboard() -> Path | None:
@@ -254,7 +278,7 @@ class Driver:
         made. Returns ({batch_id: (rewards, info)}, when the last batch was sampled, when the
         last was scored), as `time.perf_counter()` readings; None once a stop is asked for."""
         start = time.perf_counter()
-        waiting = {task.summary_ref: len(task.spec.prompts) for task in tasks}
+        waiting = {task.summary_ref: task.spec for task in tasks}
         scored: dict[str, tuple[np.ndarray, dict]] = {}
         sampled_at = start
         while len(scored) < len(tasks):
@@ -263,7 +287,8 @@ class Driver:
             if waiting:
                 ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
                 for ref in ready:
-                    self.reward_pool.submit(ref, waiting.pop(ref))
+                    spec = waiting.pop(ref)
+                    self.reward_pool.submit(ref, len(spec.prompts), self.metadata_of(spec.prompts))
                 if not waiting:
                     sampled_at = time.perf_counter()
             for batch_id, rewards, info in self.reward_pool.poll(wake_on=list(waiting), max_wait_s=STOP_POLL_S):
@@ -273,14 +298,96 @@ class Driver:
             self.metrics.queues(sampling=len(waiting), scoring=self.reward_pool.num_items)
         return scored, sampled_at, time.perf_counter()
 
-    def evaluate(self, when: str) -> None:
-        """Sample and score the fixed eval batch with the current weights, and record it."""
-        spec = eval_plan(self.config, self.prompts)
-        _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
-            spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights)
-        ((_, rewards, info),) = ray.get(self.reward_actors[0].score.remote(summary_ref))
-        table = with_rewards(pa.Table.from_batches([ray.get(summary_ref)]), rewards, info)
+    def metadata_of(self, prompts: list[str]) -> dict[str, dict]:
+        """The metadata of these prompts that have some (a JSON Lines prompts file's), for the reward."""
+        return {prompt: self.prompt_metadata[prompt] for prompt in prompts if prompt in self.prompt_metadata}
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """Sample and score the fixed eval batch with the current weights, by the trained reward
+        and the held-out one (`reward.heldout`), and record it as `samples/eval_<when>.parquet`;
+        returns its `eval_metrics`. The batch of this very policy version is not sampled twice."""
+        if self.last_eval is not None and self.last_eval[0] == self.policy_version:
+            table = self.last_eval[1]
+        else:
+            spec = eval_plan(self.config, self.prompts)
+            _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
+                spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights)
+            actor, metadata = self.reward_actors[0], self.metadata_of(spec.prompts)
+            kinds = [False, True] if self.config.reward.heldout else [False]
+            scored = ray.get([actor.score.remote(summary_ref, prompt_metadata=metadata, heldout=heldout)
+                              for heldout in kinds])
+            table = pa.Table.from_batches([ray.get(summary_ref)])
+            for ((_, rewards, info),), column in zip(scored, ["reward", "heldout"]):
+                table = with_rewards(table, rewards, info, column)
+            self.last_eval = (self.policy_version, table)
         self.recorder.record_eval(when, self.policy_version, table)
+        return eval_metrics(table)
+
+    def guard_against_hacking(self, epoch: int, metrics: dict[str, float]) -> str | None:
+        """Give the guard this epoch's evaluation (`ddpo.guard`): keep `checkpoints/best` at the
+        best held-out one, and when the guard fires, warn, stop or roll back
+        (`reward.heldout_action`). Returns the action taken, if any."""
+        evaluation = Evaluation(epoch, metrics["eval_reward_mean"], metrics["heldout_reward_mean"])
+        is_best, fired = self.guard.observe(evaluation)
+        if is_best:
+            self.save_best()
+        if not fired:
+            return None
+        action = self.config.reward.heldout_action
+        if action == "rollback" and self.rollbacks >= MAX_ROLLBACKS:
+            action = "stop"
+        best = self.run_dir / "checkpoints" / "best"
+        line = (f"{self.guard.warning(evaluation, ' + '.join(t.name for t in self.config.reward.heldout))}; "
+                f"best held-out checkpoint: {best} (epoch {self.guard.best.epoch})")
+        line += {"warn": "; training goes on (reward.heldout_action: warn)",
+                 "stop": "; the run stops here",
+                 "rollback": "; rolling back to it at half the learning rate"}[action]
+        print(line, file=sys.stderr, flush=True)
+        with open(self.run_dir / "guard.jsonl", "a") as f:  # kept across rollbacks, which cut metrics.jsonl
+            f.write(json.dumps({"epoch": epoch, "action": action, **vars(evaluation),
+                                "best": vars(self.guard.best)}) + "\n")
+        if action == "stop":
+            self.guard_stop = line
+        elif action == "rollback":
+            raise RolledBack(self.roll_back(best))
+        return action
+
+    def save_best(self) -> None:
+        """`checkpoints/best`: a copy of this epoch's checkpoint (written now if not yet), made
+        whole before it replaces the last best."""
+        saved = self.save_checkpoint()
+        root = self.run_dir / "checkpoints"
+        partial, best = root / ".best.partial", root / "best"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            shutil.copytree(saved, partial)
+            shutil.rmtree(best, ignore_errors=True)
+            partial.rename(best)
+        except OSError as err:
+            raise self.write_failed("the best checkpoint", err) from None
+
+    def roll_back(self, best: Path) -> int:
+        """Load `best` into every learner rank at half the learning rate; the epochs after it
+        are redone (their checkpoints move to `checkpoints/rolled_back_<n>/`, out of a resume's
+        way, and their metrics are cut). Returns the epoch to go on from."""
+        self.rollbacks += 1
+        self.guard.streak = 0  # a streak counts from the weights rolled back to
+        versions = get_all([learner.roll_back.remote(best, 0.5) for learner in self.learners])
+        self.policy_version = versions[0]
+        root = self.run_dir / "checkpoints"
+        for path in root.glob("epoch_*"):
+            if int(path.name.removeprefix("epoch_")) >= self.policy_version:
+                (root / f"rolled_back_{self.rollbacks}").mkdir(exist_ok=True)
+                path.rename(root / f"rolled_back_{self.rollbacks}" / path.name)
+        self.recorder.restart_at(self.policy_version)
+        self.last_eval = None  # its version number comes again, with other weights
+        self.in_flight.clear()  # sampled with the weights rolled back from
+        self.next_epoch = self.policy_version
+        self.reward_pool = self._reward_pool()
+        self.broadcast()
+        self.sample_up_to(self.policy_version + self.config.cluster.max_policy_lag)
+        self.epoch_start = time.perf_counter()
+        return self.policy_version
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -298,6 +405,11 @@ class Driver:
             versions = get_all([learner.load_checkpoint.remote(checkpoint) for learner in self.learners])
             self.policy_version = versions[0]
         self.recorder.restart_at(self.policy_version)
+        if self.guard is not None:  # the guard sees the evaluations recorded up to here again
+            self.guard = HackingGuard(self.guard.tolerance, self.guard.patience)
+            for m in read_metrics(self.run_dir):
+                if "heldout_reward_mean" in m:
+                    self.guard.observe(Evaluation(m["epoch"], m["eval_reward_mean"], m["heldout_reward_mean"]))
         return self.policy_version
 
     def save_checkpoint(self) -> Path | None:
@@ -362,6 +474,12 @@ class Driver:
             while epoch < config.num_epochs and not self.stop_requested.is_set():
                 try:
                     metrics = self.run_epoch(epoch)
+                except RolledBack as rolled_back:
+                    epoch = rolled_back.epoch
+                    history = [m for m in history if m["epoch"] < epoch]
+                    epochs.n = epoch
+                    epochs.refresh()
+                    continue
                 except ray.exceptions.RayError as err:
                     if self.stop_requested.is_set():  # stopping: no learner group restarted now
                         raise
@@ -376,6 +494,8 @@ class Driver:
                 epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
                 history.append(metrics)
                 epoch += 1
+                if self.guard_stop is not None:
+                    break
         self.completed = epoch >= config.num_epochs
         if config.eval_images and not self.stop_requested.is_set():
             self.evaluate("after")
@@ -413,9 +533,17 @@ class Driver:
         broadcast_start = time.perf_counter()
         self.broadcast()
         self.in_flight.popleft()
+        eval_start = time.perf_counter()
+        evaluated: dict = {}
+        if config.eval_every and (epoch + 1) % config.eval_every == 0 and config.eval_images:
+            evaluated = self.evaluate(f"epoch_{epoch:04d}")
+            action = self.guard_against_hacking(epoch, evaluated) if self.guard is not None else None
+            if action is not None:
+                evaluated["heldout_guard"] = action
+            evaluated["time_eval_s"] = time.perf_counter() - eval_start
         now = time.perf_counter()
         started, self.epoch_start = self.epoch_start, now
-        time_broadcast, time_epoch = now - broadcast_start, now - started
+        time_broadcast, time_epoch = eval_start - broadcast_start, now - started
         # the next epoch's sampling needs only the weights just put: it runs while this
         # epoch is recorded (none after a stop signal: this epoch is the last)
         if not self.stop_requested.is_set():
@@ -431,7 +559,7 @@ class Driver:
                 epoch, self.policy_version,
                 table=pa.Table.from_batches(trajectories),
                 scored=[scored[task.spec.batch_id] for task in tasks],
-                learner_metrics={**learner_metrics, **usage, "learner_restarts": self.learner_restarts},
+                learner_metrics={**learner_metrics, **usage, **evaluated, "learner_restarts": self.learner_restarts},
                 dropped_stale=len(tasks) - len(fresh),
                 # sampling may have started during the last epoch's recording (lag 0) or epochs
                 # before (lag >= 1): the time it held this epoch up counts
@@ -484,7 +612,7 @@ class Driver:
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(learner.report.remote())
         self.start_learners()
-        self.policy_version = 0
+        self.policy_version, self.last_eval = 0, None
         checkpoint = latest_checkpoint(self.run_dir)
         epoch = self.resume(checkpoint)
         # sampling and scoring under way are dropped: the epochs from `epoch` on are redone

@@ -125,6 +125,8 @@ class DriverMetrics:
         "ddpo_mfu": "the denoisers' model FLOPs utilization of the devices' peak (GPU)",
         "ddpo_actors_rss_bytes": "resident memory of the run's actors, summed",
         "ddpo_actors_gpu_peak_bytes": "peak GPU memory of the run's actors' tensors, summed",
+        "ddpo_eval_reward_mean": "mean trained reward of the fixed eval batch (every eval_every epochs)",
+        "ddpo_heldout_reward_mean": "mean held-out reward of the fixed eval batch (reward.heldout)",
     }
 
     def __init__(self):
@@ -155,6 +157,8 @@ class DriverMetrics:
             "ddpo_mfu": metrics["mfu"],
             "ddpo_actors_rss_bytes": metrics["actors_rss_bytes"],
             "ddpo_actors_gpu_peak_bytes": metrics["actors_gpu_peak_bytes"],
+            "ddpo_eval_reward_mean": metrics.get("eval_reward_mean"),  # on evaluation epochs only
+            "ddpo_heldout_reward_mean": metrics.get("heldout_reward_mean"),
         }
         for name, value in values.items():
             if value is not None and value == value:  # skip NaN (RWR has no KL or clipfrac) and None (no MFU on CPU)

@@ -65,10 +65,10 @@ class RewardActor(RewardWorker):
         super().__init__(reward)
         self.metrics = actor_metrics("reward")
 
-    def score(self, *batches):
+    def score(self, *batches, prompt_metadata: dict[str, dict] | None = None, heldout: bool = False):
         with self.metrics["reward"].working():
             try:
-                return super().score(*batches)
+                return super().score(*batches, prompt_metadata=prompt_metadata, heldout=heldout)
             except RewardProcessDead as err:
                 print(f"reward actor exits to be restarted: {err}", file=sys.stderr, flush=True)
                 os._exit(1)  # Ray restarts the actor (max_restarts) and reruns this call on it

@@ -27,6 +27,7 @@ from rewards import RewardError
 class Item:
     summary_ref: ray.ObjectRef
     num_images: int
+    prompt_metadata: dict[str, dict]  # its prompts' metadata (a JSON Lines prompts file's)
     failed_on: list[int] = field(default_factory=list)  # actors a call with it failed on
 
 
@@ -48,8 +49,9 @@ class RewardPool:
         self.running: dict[ray.ObjectRef, Call] = {}
         self.abandoned: dict[ray.ObjectRef, int] = {}  # timed-out calls still holding an actor
 
-    def submit(self, summary_ref: ray.ObjectRef, num_images: int) -> None:
-        self.queue.append(Item(summary_ref, num_images))
+    def submit(self, summary_ref: ray.ObjectRef, num_images: int,
+               prompt_metadata: dict[str, dict] | None = None) -> None:
+        self.queue.append(Item(summary_ref, num_images, prompt_metadata or {}))
 
     @property
     def num_items(self) -> int:
@@ -71,7 +73,8 @@ class RewardPool:
                 items.append(item)
                 num_images += item.num_images
             self.idle.remove(actor)
-            ref = self.actors[actor].score.remote(*[item.summary_ref for item in items])
+            prompt_metadata = {prompt: metadata for item in items for prompt, metadata in item.prompt_metadata.items()}
+            ref = self.actors[actor].score.remote(*[item.summary_ref for item in items], prompt_metadata=prompt_metadata)
             self.running[ref] = Call(actor, items, time.monotonic())
 
     def _retry(self, call: Call, error: BaseException) -> None:

@@ -86,12 +86,14 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
         f.write(json.dumps(clean) + "\n")
 
 
-def with_rewards(table: pa.Table, rewards: np.ndarray, info: dict[str, list]) -> pa.Table:
+def with_rewards(table: pa.Table, rewards: np.ndarray, info: dict[str, list], column: str = "reward") -> pa.Table:
     """The epoch's rows with their reward (float64: the very values the learner trained on) and
-    the reward's per-image extras (`info.<key>`)."""
-    table = table.append_column("reward", pa.array(rewards, pa.float64()))
+    the reward's per-image extras (`info.<key>`); `column="heldout"`: the held-out reward
+    (`reward.heldout`) and its extras (`heldout_info.<key>`)."""
+    table = table.append_column(column, pa.array(rewards, pa.float64()))
+    prefix = "info." if column == "reward" else f"{column}_info."
     for key, values in info.items():
-        table = table.append_column(f"info.{key}", pa.array(values))
+        table = table.append_column(f"{prefix}{key}", pa.array(values))
     return table
 
 
@@ -132,15 +134,27 @@ def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None,
 
 def reward_summary(table: pa.Table) -> dict[str, float]:
     """reward_mean/std, and the mean of each numeric extra of the reward as `<key>_mean` (a
-    judge's `correct` gives `correct_mean`, its accuracy)."""
-    rewards = table.column("reward").to_numpy()
-    summary = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
-    for field in table.schema:
-        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type)
-        if field.name.startswith("info.") and numeric:
-            values = table.column(field.name).to_numpy(zero_copy_only=False).astype(np.float64)
-            summary[f"{field.name[len('info.'):]}_mean"] = float(values.mean())
+    judge's `correct` gives `correct_mean`, its accuracy); the same for a held-out reward's
+    columns, as `heldout_reward_mean`, `heldout_<key>_mean`."""
+    summary = {}
+    for column, prefix, name in (("reward", "info.", ""), ("heldout", "heldout_info.", "heldout_")):
+        if column not in table.column_names:
+            continue
+        rewards = table.column(column).to_numpy()
+        summary.update({f"{name}reward_mean": float(rewards.mean()), f"{name}reward_std": float(rewards.std())})
+        for field in table.schema:
+            numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type)
+            if field.name.startswith(prefix) and numeric:
+                values = table.column(field.name).to_numpy(zero_copy_only=False).astype(np.float64)
+                summary[f"{name}{field.name[len(prefix):]}_mean"] = float(values.mean())
     return summary
+
+
+def eval_metrics(table: pa.Table) -> dict[str, float]:
+    """The eval batch's summary as an epoch's metrics: `eval_reward_mean`, `eval_<key>_mean`,
+    and the held-out reward's as `heldout_reward_mean`, `heldout_<key>_mean`."""
+    return {key if key.startswith("heldout_") else f"eval_{key}": value
+            for key, value in reward_summary(table).items()}
 
 
 def write_curves(run_dir: Path) -> None:
@@ -155,8 +169,19 @@ def write_curves(run_dir: Path) -> None:
     mean = np.array([m["reward_mean"] for m in history])
     std = np.array([m["reward_std"] for m in history])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    axes[0].plot(epochs, mean)
+    axes[0].plot(epochs, mean, label="samples")
     axes[0].fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    evals = [m for m in history if "eval_reward_mean" in m]
+    if evals:  # the eval batch every eval_every epochs: the trained reward, and the held-out one
+        axes[0].plot([m["epoch"] for m in evals], [m["eval_reward_mean"] for m in evals], "o-", label="eval batch")
+        axes[0].legend(loc="upper left", fontsize=7)
+    heldout = [m for m in evals if "heldout_reward_mean" in m]
+    if heldout:  # on an axis of its own: another reward's scale
+        other = axes[0].twinx()
+        other.plot([m["epoch"] for m in heldout], [m["heldout_reward_mean"] for m in heldout], "s--",
+                   color="tab:red", label="held-out (eval batch)")
+        other.set_ylabel("held-out reward", color="tab:red")
+        other.legend(loc="lower right", fontsize=7)
     for ax, key in zip(axes, ["reward_mean", "loss", "approx_kl"]):
         if key != "reward_mean":
             ax.plot(epochs, [np.nan if m[key] is None else m[key] for m in history])

@@ -46,17 +46,21 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[P
 
 
 def checkpoint_names(run_dir: Path) -> list[str]:
-    """The run's checkpoints that hold a LoRA, oldest first."""
-    return sorted(p.parent.name for p in (run_dir / "checkpoints").glob(f"epoch_*/{LORA_FILE}"))
+    """The run's checkpoints that hold a LoRA, oldest first, then `best` (the reward-hacking
+    guard's best held-out one) when there is one."""
+    root = run_dir / "checkpoints"
+    best = ["best"] if (root / "best" / LORA_FILE).is_file() else []
+    return sorted(p.parent.name for p in root.glob(f"epoch_*/{LORA_FILE}")) + best
 
 
 def find_checkpoint(run_dir: Path, name: str | None, hint: str = "") -> Path:
-    """The checkpoint `name` (`epoch_0007`), or the latest one when None."""
+    """The checkpoint `name` (`epoch_0007`, `best`), or the latest one when None."""
     names = checkpoint_names(run_dir)
     if name is None:
         latest = latest_checkpoint(run_dir)
-        if latest is None and names:  # a LoRA without the learner's state
-            latest = run_dir / "checkpoints" / names[-1]
+        epochs = [name for name in names if name != "best"]
+        if latest is None and epochs:  # a LoRA without the learner's state
+            latest = run_dir / "checkpoints" / epochs[-1]
         if latest is None:
             raise UsageError(f"'{run_dir}' has no checkpoint (no checkpoints/epoch_NNNN/{LORA_FILE}){hint}")
         return latest

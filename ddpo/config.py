@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -63,8 +64,11 @@ class LoraConfig:
 
 @dataclass
 class PromptConfig:
-    # An inline list, or a text file with one prompt per line (when set, it replaces the list;
-    # a relative path is relative to the config file's folder).
+    # An inline list, or a file (when set, it replaces the list; a relative path is relative to
+    # the config file's folder): a text file with one prompt per line, or JSON Lines (`.jsonl`),
+    # one object per line with its prompt under "prompt" and the rest as that prompt's metadata,
+    # which reaches the reward as `metadata` (GenEval's evaluation_metadata.jsonl as published;
+    # {"prompt": ..., "text": ...} for the OCR reward's target text)
     prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a horse", "a bird"])
     file: str | None = None
 
@@ -203,6 +207,20 @@ class RewardConfig:
     # a call that raises or runs longer than this is retried once on another reward actor,
     # then the run fails naming the reward
     timeout_s: float = 600.0
+    # the name of a reward service (`ddpo serve-rewards`) already running on the cluster: the
+    # run sends its batches there instead of starting reward actors of its own (null: its own)
+    service: str | None = None
+    # the guard against reward hacking: rewards never trained on (r = sum_i weight_i * r_i, as
+    # `weighted`), scored on the fixed eval batch every `eval_every` epochs beside the trained one
+    heldout: list[RewardTerm] = field(default_factory=list)
+    # when the trained eval reward has risen above its value at the best held-out evaluation
+    # while the held-out reward has fallen more than `heldout_tolerance` below its best, for
+    # `heldout_patience` evaluations in a row: `warn` prints one line; `stop` ends the run naming
+    # the best held-out checkpoint (`checkpoints/best`); `rollback` loads that checkpoint and
+    # goes on at half the learning rate
+    heldout_action: Literal["warn", "stop", "rollback"] = "warn"
+    heldout_tolerance: float = 0.05
+    heldout_patience: int = 2
 
     def terms(self) -> list[RewardTerm]:
         return list(self.weighted) or [RewardTerm(self.name, 1.0, dict(self.params))]
@@ -290,6 +308,9 @@ class Config:
     save_latents: bool = False
     # images of the fixed batch sampled before and after training (`before_after.png`); 0 = none
     eval_images: int = 16
+    # also sample and score the fixed batch every this many epochs (`eval_reward_mean` and, with
+    # reward.heldout, `heldout_reward_mean` in that epoch's metrics); 0 = before and after only
+    eval_every: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -308,14 +329,39 @@ class Config:
 
     def load_prompts(self) -> list[str]:
         """The prompt list, from `prompts.file` if given; empty lists are a ConfigError."""
+        return [prompt for prompt, _ in self._read_prompts()]
+
+    def load_prompt_metadata(self) -> dict[str, dict[str, Any]]:
+        """Each prompt's metadata from a JSON Lines prompts file (its fields but "prompt");
+        prompts without any are left out."""
+        return {prompt: metadata for prompt, metadata in self._read_prompts() if metadata}
+
+    def _read_prompts(self) -> list[tuple[str, dict[str, Any]]]:
+        """(prompt, metadata) in the file's order; a malformed or empty file is a ConfigError
+        naming the line."""
         if self.prompts.file is None:
-            return list(self.prompts.prompts)
+            return [(prompt, {}) for prompt in self.prompts.prompts]
         path = Path(self.prompts.file)
         if not path.is_file():
             raise ConfigError(f"prompts.file: no such file '{path}'")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
+        lines = [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        if not lines:
             raise ConfigError(f"prompts.file: '{path}' holds no prompts (one per line expected)")
+        if path.suffix != ".jsonl":
+            return [(line, {}) for _, line in lines]
+        prompts, seen = [], {}
+        for number, line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ConfigError(f"prompts.file: {path}:{number} is not JSON ({err})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ConfigError(f"prompts.file: {path}:{number} has no \"prompt\" string")
+            prompt = record.pop("prompt")
+            if seen.setdefault(prompt, record) != record:
+                raise ConfigError(f"prompts.file: {path}:{number} repeats the prompt '{prompt}' with other "
+                                  "metadata; a prompt has one metadata")
+            prompts.append((prompt, record))
         return prompts
 
 
@@ -599,6 +645,17 @@ def validate(config: Config) -> None:
     for i, term in enumerate(config.reward.weighted):
         _check(term.name.strip() != "", f"reward.weighted[{i}].name: must not be empty")
         _check(term.weight != 0, f"reward.weighted[{i}].weight: must be nonzero (drop the term instead)")
+    for i, term in enumerate(config.reward.heldout):
+        _check(term.name.strip() != "", f"reward.heldout[{i}].name: must not be empty")
+        _check(term.weight != 0, f"reward.heldout[{i}].weight: must be nonzero (drop the term instead)")
+    _check(config.reward.heldout_tolerance >= 0, "reward.heldout_tolerance: must be >= 0")
+    _check(config.reward.heldout_patience >= 1, "reward.heldout_patience: must be >= 1")
+    _check(not config.reward.heldout or (config.eval_every >= 1 and config.eval_images >= 1),
+           "reward.heldout: the guard scores the eval batch every eval_every epochs; set eval_every >= 1 "
+           "and eval_images >= 1")
+    _check(config.eval_every >= 0, "eval_every: must be >= 0 (0 = before and after training only)")
+    _check(config.reward.service is None or config.reward.service.strip() != "",
+           "reward.service: must be a service name or null")
     _check(config.reward.max_batch_images >= 1, "reward.max_batch_images: must be >= 1")
     _check(config.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     if c.address is not None:

@@ -496,6 +496,16 @@ class Learner:
             "trained_batch_ids": sorted(self.trained_batch_ids),
         }))
 
+    def roll_back(self, directory: str | Path, lr_factor: float) -> int:
+        """Go back to a checkpoint (the reward-hacking guard's best) and go on with the learning
+        rate now times `lr_factor` (kept in later checkpoints; a second rollback halves the
+        halved rate); returns its policy version."""
+        rates = [group["lr"] * lr_factor for group in self.optimizer.param_groups]
+        version = self.load_checkpoint(directory)
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        return version
+
     def load_checkpoint(self, directory: str | Path) -> int:
         """Restore everything `save_checkpoint` wrote, so that training goes on exactly as if it
         had never stopped; returns the policy version (the number of epochs trained)."""

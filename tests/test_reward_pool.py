@@ -18,7 +18,7 @@ class StandInRewardActor:
     def __init__(self, raises: bool = False, sleep_s: float = 0.0):
         self.raises, self.sleep_s, self.calls = raises, sleep_s, []
 
-    def score(self, *batches):
+    def score(self, *batches, prompt_metadata=None):
         self.calls.append([b["id"] for b in batches])
         time.sleep(self.sleep_s)
         if self.raises:
