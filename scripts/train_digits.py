@@ -1,10 +1,11 @@
-"""Train the embedded digits model (`builtin:digits`), its judge (`digit_judge`) and its
-flow-matching twin (`builtin:digits-flow`) from scikit-learn's bundled 8x8 handwritten digits.
+"""Train the embedded digits model (`builtin:digits`), its judge (`digit_judge`), its
+flow-matching twin (`builtin:digits-flow`) and a second judge (`digit_judge_2`) from
+scikit-learn's bundled 8x8 handwritten digits.
 Seeded and deterministic on CPU. On 2 cores steps 1-5 take 220 s; step 6 took 175 s of training
 and 4 s of judging while other jobs loaded the cores (3 min of CPU time).
 
     python scripts/train_digits.py [--settings ddpo/assets/train_digits.yaml] [--out ddpo/assets]
-                                   [--only digits|flow] [--flow-grid samples.png]
+                                   [--only digits|flow|judge2] [--flow-grid samples.png]
 
 1. the judge: a small CNN on the 8x8 ink, held-out accuracy reported (`digits-judge/`);
 2. a tiny AutoencoderKL on the upsampled RGB images;
@@ -23,10 +24,18 @@ and 4 s of judging while other jobs loaded the cores (3 min of CPU time).
    (the tokenizers' model_max_length) and one zero "T5 token" (`max_sequence_length=1`, which
    sampling must pass too: `ddpo.pipeline.BUILTIN_MAX_SEQUENCE_LENGTH`), not the pipeline's
    77 + 256. Reloaded and judged with 10 Euler steps like step 5 (the judge agrees on about 50% of
-   its samples).
+   its samples);
+7. the second judge (`digits-judge-2/`), the held-out reward against reward hacking: the
+   training split's digits themselves (checked against `digits-judge/heldout.npz`) as nearest
+   neighbours, with a "none" answer beyond a distance (`rewards.digits.DigitNeighbours`). Its
+   temperature and that distance are fitted on the training digits, each judged by the others
+   (leave one out). Its held-out accuracy, and how often it names the same digit as judge 1 on
+   the held-out digits and on `digits/`'s samples, are printed and recorded in its config.json
+   (1 s of fitting, 28 s of sampling 1000 images).
 
 `--only flow` runs step 6 alone, on the judge, VAE and text encoder already in OUT, which it
-leaves byte for byte; `--only digits` runs steps 1-5.
+leaves byte for byte; `--only digits` runs steps 1-5; `--only judge2` runs step 7 alone, on
+OUT/digits-judge and OUT/digits.
 """
 
 from __future__ import annotations
@@ -63,7 +72,8 @@ from ddpo.config import load_config  # noqa: E402
 from ddpo.diffusion import sample_trajectories  # noqa: E402
 from ddpo.pipeline import load_pipeline, sd_scheduler, word_level_tokenizer  # noqa: E402
 from rewards.digits import (  # noqa: E402
-    DIGIT_WORDS, DigitClassifier, DigitJudge, judge_input, render_digits,
+    DIGIT_WORDS, DigitClassifier, DigitJudge, DigitNeighbours, judge_input, load_judge, prompted_digit,
+    render_digits,
 )
 
 
@@ -91,14 +101,15 @@ def shifted(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.
     return np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-def train_judge(s: dict, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
-                test_labels: np.ndarray, rng: np.random.Generator) -> tuple[DigitClassifier, float]:
-    j = s["judge"]
-    model = DigitClassifier(tuple(j["channels"]), j["hidden"])
+def train_judge(model: torch.nn.Module, j: dict, images: np.ndarray, labels: np.ndarray,
+                test_images: np.ndarray, test_labels: np.ndarray, rng: np.random.Generator,
+                ) -> tuple[torch.nn.Module, float]:
+    """A judge trained with the settings `j` (its section of the settings) on images as the
+    reward reads them (`judge_input`), and its accuracy on the test images."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=j["learning_rate"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, j["epochs"])
     labels = torch.as_tensor(labels)
-    for _ in tqdm(range(j["epochs"]), desc="judge (epochs)"):
+    for _ in tqdm(range(j["epochs"]), desc=f"{type(model).__name__} judge (epochs)"):
         ink = judge_input(shifted(images, j["max_shift"], rng))
         ink = ink + j["noise"] * torch.randn_like(ink)
         for idx in torch.randperm(len(ink)).split(j["batch_size"]):
@@ -245,18 +256,25 @@ def train_denoiser(s: dict, vae: AutoencoderKL, images: np.ndarray, labels: np.n
     )
 
 
+def sampled_images(model_dir: Path, config_path: Path, samples_per_prompt: int) -> list[tuple[str, np.ndarray]]:
+    """(prompt, images) for each prompt of a DDPO config: the saved model (reloaded through
+    from_pretrained) sampled with the config's sampling settings, seeds 10000 (k + 1) + i."""
+    config = load_config(config_path)
+    pipe = load_pipeline(str(model_dir))
+    samples = []
+    for k, prompt in enumerate(config.load_prompts()):
+        seeds = [10_000 * (k + 1) + i for i in range(samples_per_prompt)]
+        samples.append((prompt, sample_trajectories(pipe, [prompt] * len(seeds), seeds, config.sample).images))
+    return samples
+
+
 def judged_accuracy(model_dir: Path, judge_dir: Path, config_path: Path, samples_per_prompt: int) -> dict:
     """Sample the saved model (reloaded through from_pretrained) with a DDPO config's sampling
     settings and prompts; the judge's accuracy over all of them, and per prompt."""
-    config = load_config(config_path)
-    c = config.sample
-    pipe = load_pipeline(str(model_dir))
     judge = DigitJudge(str(judge_dir))
     per_prompt = {}
-    for k, prompt in enumerate(config.load_prompts()):
-        seeds = [10_000 * (k + 1) + i for i in range(samples_per_prompt)]
-        images = sample_trajectories(pipe, [prompt] * len(seeds), seeds, c).images
-        _, info = judge(images, [prompt] * len(seeds), [{}] * len(seeds))
+    for prompt, images in sampled_images(model_dir, config_path, samples_per_prompt):
+        _, info = judge(images, [prompt] * len(images), [{}] * len(images))
         per_prompt[prompt] = float(np.mean(info["correct"]))
     return {"accuracy": float(np.mean(list(per_prompt.values()))), "per_prompt": per_prompt}
 
@@ -404,7 +422,8 @@ def train_digits_and_judge(s: dict, out: Path, images, train_y, test_images, tes
     start = time.perf_counter()
     rng = np.random.default_rng(s["seed"])
     torch.manual_seed(s["seed"])  # each part from the seed: changing one leaves the others
-    judge, heldout_accuracy = train_judge(s, images, train_y, test_images, test_y, rng)
+    judge = DigitClassifier(tuple(s["judge"]["channels"]), s["judge"]["hidden"])
+    judge, heldout_accuracy = train_judge(judge, s["judge"], images, train_y, test_images, test_y, rng)
     judge_dir = out / "digits-judge"
     judge_dir.mkdir(parents=True, exist_ok=True)
     save_model(judge, str(judge_dir / "model.safetensors"))
@@ -454,6 +473,92 @@ def train_digits_flow(s: dict, out: Path, images, train_y, grid: Path | None) ->
           f"({torch.get_num_threads()} threads)")
 
 
+# -- the second judge (digit_judge_2) -------------------------------------------------------------
+
+def fit_second_judge(j: dict, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
+                     test_labels: np.ndarray) -> tuple[DigitNeighbours, float]:
+    """Judge 2 on the training digits: they are its prototypes. Each training digit judged by
+    the others (leave one out) sets the rest: `reject_distance` is the `reject_quantile` of their
+    distances to the nearest other digit (that share of real digits is called "none"), and the
+    temperature, of `temperatures`, the one of the least leave-one-out log loss. Returns it and
+    its accuracy on the test images ("none" counts as wrong)."""
+    judge = DigitNeighbours(len(images))
+    judge.prototypes.copy_(judge_input(images).flatten(1))
+    judge.labels.copy_(torch.as_tensor(labels))
+    with torch.no_grad():
+        squared = (judge.prototypes[:, None, :] - judge.prototypes[None]).square().sum(-1)
+        squared.fill_diagonal_(float("inf"))  # leave one out
+        distances = torch.stack([squared[:, judge.labels == c].min(dim=1).values for c in range(10)], dim=1)
+        judge.reject_distance.fill_(float(torch.quantile(distances.min(dim=1).values, j["reject_quantile"])))
+        rows = torch.arange(len(labels))
+
+        def log_loss(temperature: float) -> float:
+            judge.temperature.fill_(temperature)
+            logits = -torch.cat([distances, judge.reject_distance.expand(len(distances), 1)], dim=1) / temperature
+            return float(-torch.log_softmax(logits, dim=1)[rows, judge.labels].mean())
+
+        judge.temperature.fill_(min(j["temperatures"], key=log_loss))
+        answers = judge(judge_input(test_images)).argmax(dim=-1).numpy()
+    return judge.eval(), float((answers == test_labels).mean())
+
+
+def judges_agreement(judge_1: torch.nn.Module, judge_2: torch.nn.Module, images: np.ndarray,
+                     digits: np.ndarray) -> dict:
+    """How often the two judges name the same digit (`agree`), each one's accuracy against
+    `digits` (the true or prompted ones), and judge 2's where judge 1 is right."""
+    with torch.no_grad():
+        answer_1, answer_2 = (judge(judge_input(images)).argmax(dim=-1).numpy() for judge in (judge_1, judge_2))
+    correct_1, correct_2 = answer_1 == digits, answer_2 == digits
+    return {"agree": float((answer_1 == answer_2).mean()), "accuracy_1": float(correct_1.mean()),
+            "accuracy_2": float(correct_2.mean()),
+            "accuracy_2_where_1_right": float(correct_2[correct_1].mean())}
+
+
+def train_digits_judge_2(s: dict, out: Path, images, train_y, test_images, test_y) -> None:
+    """Step 7: the second judge (OUT/digits-judge-2), compared with OUT/digits-judge on the
+    held-out digits and on OUT/digits' samples."""
+    start = time.perf_counter()
+    j = s["judge_2"]
+    judge, heldout_accuracy = fit_second_judge(j, images, train_y, test_images, test_y)
+    trained_s = time.perf_counter() - start
+    judge_1, _ = load_judge(out / "digits-judge")
+    heldout = judges_agreement(judge_1, judge, test_images, test_y)
+    e = j["evaluate"]
+    samples = sampled_images(out / "digits", ROOT / e["config"], e["samples_per_prompt"])
+    prompted = np.array([prompted_digit(prompt) for prompt, images in samples for _ in images])
+    sampled = judges_agreement(judge_1, judge, np.concatenate([images for _, images in samples]), prompted)
+    judge_dir = out / "digits-judge-2"
+    judge_dir.mkdir(parents=True, exist_ok=True)
+    save_model(judge, str(judge_dir / "model.safetensors"))
+    (judge_dir / "config.json").write_text(json.dumps({
+        "architecture": "nearest_neighbour", "num_prototypes": len(train_y),
+        "temperature": float(judge.temperature), "reject_distance": float(judge.reject_distance),
+        "reject_quantile": j["reject_quantile"], "heldout_accuracy": heldout_accuracy,
+        "split_seed": s["seed"], "test_fraction": s["test_fraction"],
+        "heldout": "digits-judge/heldout.npz", "image_size": s["image_size"],
+        # argmax agreement with digit_judge, on the held-out digits and on digits/' samples
+        "agreement_with_digit_judge": {"heldout": heldout["agree"], "digits_samples": sampled["agree"]},
+        "trained_by": "scripts/train_digits.py",
+    }, indent=2) + "\n")
+    print(f"judge 2: held-out accuracy {heldout_accuracy:.4f} on {len(test_y)} digits (judge 1: "
+          f"{heldout['accuracy_1']:.4f}); the judges agree on {heldout['agree']:.4f} of them")
+    print(f"on {len(prompted)} samples of {out / 'digits'} ({e['config']}'s settings) the judges agree on "
+          f"{sampled['agree']:.3f}; judged accuracy {sampled['accuracy_1']:.3f} (judge 1), "
+          f"{sampled['accuracy_2']:.3f} (judge 2), {sampled['accuracy_2_where_1_right']:.3f} (judge 2 "
+          "where judge 1 is right)")
+    print(f"trained in {trained_s:.0f} s, evaluated in {time.perf_counter() - start - trained_s:.0f} s "
+          f"({torch.get_num_threads()} threads)")
+
+
+def check_heldout(judge_dir: Path, test_x: np.ndarray, test_y: np.ndarray) -> None:
+    """The settings' split is the one whose held-out digits judge_dir/heldout.npz holds: a
+    judge trained on another split would have seen some of them."""
+    with np.load(judge_dir / "heldout.npz") as heldout:
+        if not (np.array_equal(heldout["x"], test_x.astype(np.uint8)) and np.array_equal(heldout["y"], test_y)):
+            raise SystemExit(f"seed, test_fraction: the settings' held-out split is not {judge_dir}/heldout.npz's "
+                             "(the one the judges and models were trained without)")
+
+
 def save_heldout(judge_dir: Path, test_x: np.ndarray, test_y: np.ndarray) -> None:
     """The held-out digits beside the judge (`rewards.digits.load_heldout`), as uint8."""
     np.savez_compressed(judge_dir / "heldout.npz", x=test_x.astype(np.uint8), y=test_y.astype(np.uint8))
@@ -463,10 +568,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", type=Path, default=ROOT / "ddpo" / "assets" / "train_digits.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "ddpo" / "assets",
-                        help="writes OUT/digits-judge, OUT/digits and OUT/digits-flow")
-    parser.add_argument("--only", choices=["digits", "flow"],
+                        help="writes OUT/digits-judge, OUT/digits, OUT/digits-flow and OUT/digits-judge-2")
+    parser.add_argument("--only", choices=["digits", "flow", "judge2"],
                         help="digits: steps 1-5 only; flow: step 6 only, on the judge, VAE and text "
-                             "encoder already in OUT (which it leaves as they are)")
+                             "encoder already in OUT (which it leaves as they are); judge2: step 7 "
+                             "only, the second judge, beside OUT/digits-judge and OUT/digits")
     parser.add_argument("--flow-grid", type=Path, help="a PNG of the flow model's judged samples")
     args = parser.parse_args(argv)
     s = yaml.safe_load(args.settings.read_text())
@@ -475,11 +581,14 @@ def main(argv: list[str] | None = None) -> None:
 
     train_x, train_y, test_x, test_y = digits_split(s["seed"], s["test_fraction"])
     images, test_images = render_digits(train_x, s["image_size"]), render_digits(test_x, s["image_size"])
-    if args.only != "flow":
+    if args.only in (None, "digits"):
         train_digits_and_judge(s, args.out, images, train_y, test_images, test_y)
         save_heldout(args.out / "digits-judge", test_x, test_y)
-    if args.only != "digits":
+    if args.only in (None, "flow"):
         train_digits_flow(s, args.out, images, train_y, args.flow_grid)
+    if args.only in (None, "judge2"):
+        check_heldout(args.out / "digits-judge", test_x, test_y)
+        train_digits_judge_2(s, args.out, images, train_y, test_images, test_y)
 
 
 if __name__ == "__main__":
