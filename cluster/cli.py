@@ -7,6 +7,8 @@
               [--batch-size B] [--set key=value ...] [--address ADDRESS]
     ddpo export RUN_DIR --out DIR [--checkpoint NAME] [--merge [--device D] [--dtype T]]
     ddpo plan [--config FILE] [--set key=value ...] [--gpu-memory GB] [--json]
+    ddpo serve-rewards [--config FILE] [--set key=value ...] [--name NAME] [--address ADDRESS]
+    ddpo serve-rewards --stop NAME [--address ADDRESS]
 
 ADDRESS: a Ray cluster to join, `auto` (the one running on this machine), `ray://host:port` (its
 Ray Client server) or `host:port` (its head's GCS); with none, a local Ray instance starts.
@@ -30,6 +32,11 @@ Before a launch: `ddpo plan` prints the memory each device of the config's layou
 (ddpo/memory.py: weights, LoRA and AdamW, activations of sampling, decode and training, from
 real shapes on the meta device), and whether it fits; `ddpo train` refuses, in one line, a
 layout that cannot fit, before any model loads.
+
+Scoring as a service (cluster/reward_service.py): `ddpo serve-rewards` starts the config's reward
+actors on a running cluster (`auto` without --address), detached and named, and exits; every run
+on the cluster with `reward.service: NAME` sends its batches there instead of starting reward
+actors of its own. `--stop NAME` ends the service.
 """
 
 from __future__ import annotations
@@ -371,7 +378,8 @@ def train(args) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     else:
         try:
-            context = ray.init(address=address, namespace="ddpo")
+            # a namespace of the run's own: runs on one cluster name their actors alike (worker-0, ...)
+            context = ray.init(address=address, namespace=f"ddpo-{run_dir.name}")
         except ConnectionError as err:  # its port answered, but no Ray cluster there did
             from ddpo.pipeline import _one_line
 
@@ -426,7 +434,7 @@ def train(args) -> int:
     if (run_dir / "eval.json").exists():  # the fixed eval batch, before and after training
         evals = json.loads((run_dir / "eval.json").read_text())
         changes = ", ".join(f"{key} {evals['before'][key]:.4f} -> {evals['after'][key]:.4f}"
-                            for key in evals["after"] if key != "reward_std")
+                            for key in evals["after"] if not key.endswith("reward_std"))
         print(f"eval batch: {changes} ({run_dir / 'before_after.png'})")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; LoRA: {run_dir / 'checkpoints'}")
     return 0
@@ -551,6 +559,59 @@ def export(args) -> int:
     return 0
 
 
+def serve_rewards(args) -> int:
+    """`ddpo serve-rewards`: start a reward service on a running cluster (or stop one)."""
+    from ddpo.config import load_config
+
+    config = None
+    if args.stop is not None:
+        if args.config is not None or args.set or args.name is not None:
+            raise UsageError("--stop: takes only the service's name (and --address); drop --config, --set, --name")
+        configured = None
+    else:
+        from rewards import check_rewards
+
+        config = load_config(args.config or embedded_config(), args.set)
+        check_rewards(config.reward)
+        configured = config.cluster.address
+    import ray
+
+    from cluster.reward_service import DEFAULT_NAME, start_service, stop_service
+
+    started = not ray.is_initialized()  # connected already: a caller in this process (tests)
+    if started:
+        if args.address is not None:
+            address, source = args.address, "--address"
+        elif configured is not None:
+            address, source = configured, "cluster.address"
+        elif os.environ.get("RAY_ADDRESS"):
+            address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+        else:  # a service serves the runs of a cluster: never a local instance of its own
+            address, source = "auto", "--address (default auto: a service runs on a cluster)"
+        ray_address(address, source)
+        try:
+            ray.init(address=address, namespace="ddpo", log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as err:  # its port answered, but no Ray cluster there did
+            from ddpo.pipeline import _one_line
+
+            raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({_one_line(err)})") from None
+    try:
+        if args.stop is not None:
+            count = stop_service(args.stop)
+            print(f"reward service '{args.stop}' stopped ({count} reward actor{'s' if count > 1 else ''})")
+            return 0
+        name = args.name or config.reward.service or DEFAULT_NAME
+        service = start_service(config, name)
+        count = len(service.actors)
+        print(f"reward service '{name}': {count} reward actor{'s' if count > 1 else ''} scoring "
+              f"{config.reward.label}; runs on this cluster use it with --set reward.service={name}; "
+              f"stop it with: ddpo serve-rewards --stop {name}")
+        return 0
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, base: bool) -> None:
     """RUN_DIR and --checkpoint (and --base) of the commands that work on a run's checkpoint."""
     p.add_argument("run_dir", type=_nonempty, metavar="RUN_DIR", help="the run directory (runs/<run_name>)")
@@ -622,6 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="with --merge: the saved weights' dtype (default float32: it loads with no dtype argument)")
     p.set_defaults(func=export, parser=p)
+
+    p = commands.add_parser("serve-rewards", help="start a reward service on a running cluster, for its runs to share")
+    p.add_argument("--config", type=_nonempty,
+                   help=f"YAML config: its reward and cluster.reward, num_reward_actors, max_restarts "
+                        f"(default: the embedded configs/{DEFAULT_CONFIG})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set cluster.num_reward_actors=2 (repeatable)")
+    p.add_argument("--name", type=_nonempty, help="the service's name (default: reward.service, else 'rewards')")
+    p.add_argument("--address", type=_nonempty,
+                   help="Ray cluster to start it on: auto, ray://host:10001 or host:6379 (default: auto)")
+    p.add_argument("--stop", type=_nonempty, metavar="NAME", help="stop the reward service NAME")
+    p.set_defaults(func=serve_rewards, parser=p)
     return parser
 
 
@@ -631,7 +704,7 @@ def _user_error(err: BaseException) -> BaseException | None:
     # early error is not kept waiting seconds while torch and Ray are imported
     classes = [("ddpo.config", "ConfigError"), ("ddpo.pipeline", "ModelLoadError"), ("rewards", "RewardError"),
                ("cluster.placement", "PlacementError"), ("cluster.driver", "ActorLost"),
-               ("cluster.driver", "WriteFailed")]
+               ("cluster.driver", "WriteFailed"), ("cluster.reward_service", "RewardServiceError")]
     fixable = (UsageError, FileExistsError,
                *(getattr(sys.modules[module], name) for module, name in classes if module in sys.modules))
     seen = err

@@ -32,6 +32,7 @@ from cluster.placement import Placement, resolve_layout
 from cluster.remote import CONCURRENCY_GROUPS, RewardActor
 from cluster.remote_policy import LearnerActor, SamplerActor, WorkerActor
 from cluster.reward_pool import RewardPool
+from cluster.reward_service import connect_service
 from cluster.run_dir import (RunRecorder, eval_metrics, is_checkpoint_epoch, latest_checkpoint, read_metrics,
                              resume_checkpoint, with_rewards)
 from ddpo.config import Config
@@ -108,7 +109,12 @@ def get_all(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> list:
 
 class Driver:
     def __init__(self, config: Config, run_dir: Path, stop_requested: threading.Event | None = None):
-        config = resolve_layout(config, ray.cluster_resources())
+        # with `reward.service`, the run scores on that service's actors and starts none of its own
+        self.reward_service = connect_service(config.reward) if config.reward.service is not None else None
+        cluster_resources = ray.cluster_resources()
+        if self.reward_service is not None:
+            cluster_resources = self.reward_service.resources_left(cluster_resources)
+        config = resolve_layout(config, cluster_resources)
         self.config = config
         self.run_dir = run_dir
         self.prompts = config.load_prompts()
@@ -138,6 +144,8 @@ class Driver:
         except Exception:
             self.shutdown()
             raise
+        if self.reward_service is not None:  # the pool's actors: the service's (none started above)
+            self.reward_actors = list(self.reward_service.actors)
         self.reward_pool = self._reward_pool()
         self.reports: dict[str, dict] = {}  # per actor, its `report()` at the last epoch's end
         self.learner_restarts = 0  # the learner group's, by `recover_learners`
@@ -173,7 +181,8 @@ class Driver:
 
     def _reward_pool(self) -> RewardPool:
         reward = self.config.reward
-        return RewardPool(self.reward_actors, reward.label, reward.max_batch_images, reward.timeout_s)
+        return RewardPool(self.reward_actors, reward.label, reward.max_batch_images, reward.timeout_s,
+                          self.reward_service.names if self.reward_service is not None else None)
 
     def start_learners(self, loading: list = ()) -> None:
         """The learner group's ranks, each with its model loaded, joined in one group: rank 0's
@@ -199,7 +208,8 @@ class Driver:
     def named_actors(self) -> dict[str, object]:
         return {**dict(zip(self.learner_names, self.learners)),
                 **{f"sampler-{i}": a for i, a in self.plain_samplers.items()},
-                **{f"reward-{i}": a for i, a in enumerate(self.reward_actors)}}
+                **dict(zip(self.reward_service.names if self.reward_service is not None
+                           else [f"reward-{i}" for i in range(len(self.reward_actors))], self.reward_actors))}
 
     @property
     def actors(self) -> list:
@@ -223,8 +233,9 @@ class Driver:
         if len(self.learners) > 1:  # the group's rendezvous file goes too (a dead rank: no wait)
             ray.wait([learner.leave_group.remote() for learner in self.learners],
                      num_returns=len(self.learners), timeout=5)
-        for actor in self.actors:
-            ray.kill(actor)
+        for name, actor in self.named_actors.items():
+            if self.reward_service is None or name not in self.reward_service.names:  # a service outlives runs
+                ray.kill(actor)
         self.placement.remove()
 
     def lost_actor_message(self, err: ray.exceptions.RayActorError) -> str:

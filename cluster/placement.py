@@ -11,7 +11,8 @@ Layouts (`cluster.layout`):
   counts holds a lone `sampler-<i>` or `learner-<i>`.
 - separate (max_policy_lag >= 1): every sampler and learner has a bundle of its own, so that
   sampling the next epoch overlaps training on this one.
-Reward actors have a bundle each (none when they ask for no resources at all: a CPU reward).
+Reward actors have a bundle each (none when they ask for no resources at all: a CPU reward);
+a run that scores on a reward service (`reward.service`) has none of its own.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def resolve_layout(config: Config, cluster_resources: dict[str, float]) -> Confi
     the counts, the layout, the samplers' and learners' CPUs and torch threads."""
     config = copy.deepcopy(config)
     c = config.cluster
+    if config.reward.service is not None:  # it scores on a reward service's actors (cluster.reward_service),
+        c.num_reward_actors = 0  # started already: `cluster_resources` is what they leave
     if c.reward.num_cpus == "auto":  # a reward actor asks for what its config says, no share
         c.reward.num_cpus = 0.0
     free_cpus = cluster_resources.get("CPU", 0.0) - c.num_reward_actors * c.reward.num_cpus

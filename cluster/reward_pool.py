@@ -7,6 +7,9 @@
   with the reward's own error, or a timeout message naming the reward.
 - An actor that dies is restarted by Ray, which reruns its call (`max_task_retries`); the pool
   only sees the call take longer.
+- The actors may be a reward service's (cluster/reward_service.py), shared by several runs: a
+  call then also waits for the other runs' calls queued at its actor, and its time counts
+  against `reward.timeout_s` all the same.
 
 `ray.util.ActorPool` hands one item to one actor at a time and has no timeout or retry on
 another actor, so the pool keeps its own small queue.
@@ -39,8 +42,10 @@ class Call:
 
 
 class RewardPool:
-    def __init__(self, actors: list, reward_name: str, max_batch_images: int, timeout_s: float):
+    def __init__(self, actors: list, reward_name: str, max_batch_images: int, timeout_s: float,
+                 actor_names: list[str] | None = None):
         self.actors = actors
+        self.actor_names = actor_names or [f"reward-{i}" for i in range(len(actors))]  # for messages
         self.reward_name = reward_name
         self.max_batch_images = max_batch_images
         self.timeout_s = timeout_s
@@ -119,11 +124,11 @@ class RewardPool:
                 del self.running[ref]
                 self.abandoned[ref] = call.actor
                 error = RewardError(f"reward '{self.reward_name}' took longer than reward.timeout_s = "
-                                    f"{self.timeout_s:g} s, twice (on reward-{call.actor} last)")
+                                    f"{self.timeout_s:g} s, twice (on {self.actor_names[call.actor]} last)")
                 if len(self.actors) == 1:
                     raise RewardError(f"reward '{self.reward_name}' took longer than reward.timeout_s = "
-                                      f"{self.timeout_s:g} s on reward-0, and there is no other reward "
-                                      "actor to retry on")
+                                      f"{self.timeout_s:g} s on {self.actor_names[0]}, and there is no other "
+                                      "reward actor to retry on")
                 self._retry(call, error)
         self._dispatch()
         return scored

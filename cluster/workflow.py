@@ -273,15 +273,16 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
 
 
 def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None) -> pa.Table:
-    """The records with their rewards (`reward`, `info.<key>`), scored by the run's reward
-    actors (`cluster.num_reward_actors`, with `cluster.reward`'s resources) behind the reward
-    pool."""
+    """The records with their rewards (`reward`, `info.<key>`), scored behind the reward pool by
+    the reward service `reward.service` names, else by reward actors of its own
+    (`cluster.num_reward_actors`, with `cluster.reward`'s resources)."""
     import ray
 
     from cluster import ACTOR_ENV
     from cluster.driver import restart_options
     from cluster.remote import CONCURRENCY_GROUPS, RewardActor
     from cluster.reward_pool import RewardPool
+    from cluster.reward_service import actor_resources, connect_service
     from cluster.run_dir import with_rewards
 
     started = not ray.is_initialized()
@@ -292,18 +293,24 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
     elif started:
         ray.init(address=address, namespace="ddpo", log_to_driver=False)
     c = config.cluster
-    resources = c.reward
-    num_cpus = 0.0 if resources.num_cpus == "auto" else resources.num_cpus
-    threads = max(1, int(num_cpus)) if resources.num_threads == "auto" else resources.num_threads
-    actors = [ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor).options(
-        num_cpus=num_cpus, num_gpus=resources.num_gpus, resources=resources.resources,
-        runtime_env={"env_vars": ACTOR_ENV}, **restart_options(c.max_restarts),
-    ).remote(config.reward, threads) for _ in range(c.num_reward_actors)]
+    actors, names = [], None  # the reward actors started here (none with a service)
     try:
-        ray.get([actor.ready.remote() for actor in actors])
-        pool = RewardPool(actors, config.reward.label, config.reward.max_batch_images, config.reward.timeout_s)
+        if config.reward.service is not None:
+            service = connect_service(config.reward)
+            scorers, names = service.actors, service.names
+        else:
+            options, threads = actor_resources(c.reward)
+            actors = [ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor).options(
+                **options, runtime_env={"env_vars": ACTOR_ENV}, **restart_options(c.max_restarts),
+            ).remote(config.reward, threads) for _ in range(c.num_reward_actors)]
+            ray.get([actor.ready.remote() for actor in actors])
+            scorers = actors
+        pool = RewardPool(scorers, config.reward.label, config.reward.max_batch_images, config.reward.timeout_s,
+                          names)
+        metadata = config.load_prompt_metadata()  # a JSON Lines prompts file's, for the reward
         for record in records:
-            pool.submit(ray.put(record), record.num_rows)
+            prompts = set(record.column("prompt").to_pylist())
+            pool.submit(ray.put(record), record.num_rows, {p: metadata[p] for p in prompts if p in metadata})
         scored = {}
         while pool.num_items:
             scored.update((batch_id, (rewards, info)) for batch_id, rewards, info in pool.poll())

@@ -68,8 +68,8 @@ def test_empty_prompt_file(capsys, tmp_path):
     (["export", "runs/x", "--out", "o", "--merge", "--device", ""],
      "ddpo export: error: argument --device: must not be empty; see ddpo export --help"),
     (["trian"],
-     "ddpo: error: argument command: invalid choice: 'trian' (choose from 'train', 'plan', 'sample', 'eval', 'export'); "
-     "see ddpo --help"),
+     "ddpo: error: argument command: invalid choice: 'trian' (choose from 'train', 'plan', 'sample', 'eval', 'export', "
+     "'serve-rewards'); see ddpo --help"),
     ([], "ddpo: error: the following arguments are required: command; see ddpo --help"),
 ])
 def test_argparse_errors_are_one_line(args, message, capsys):

@@ -2,6 +2,7 @@
 metadata to the rewards (JSON Lines)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -64,12 +65,12 @@ def test_the_warning_names_the_epoch_and_both_trends():
 def test_heldout_config_is_checked(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("reward: {name: digit_judge, heldout: [{name: jpeg_compressibility}]}\n")
-    with pytest.raises(ConfigError, match="reward.heldout: .*eval_every"):
-        load_config(path)
     config = load_config(path, ["eval_every=2"])
     assert config.reward.heldout == [RewardTerm("jpeg_compressibility")]
     with pytest.raises(ConfigError, match="reward.heldout_action"):
         load_config(path, ["eval_every=2", "reward.heldout_action=undo"])
+    with pytest.raises(ConfigError, match="reward.heldout_patience: must be >= 1"):
+        load_config(path, ["reward.heldout_patience=0"])
 
 
 def test_the_worker_scores_the_heldout_reward_apart_from_the_trained_one():
@@ -178,3 +179,26 @@ def test_rollback_goes_back_to_the_best_at_half_the_learning_rate_then_stops(ray
     assert [m["epoch"] for m in history] == [0, 1]
     assert driver.guard_stop is not None and not driver.completed
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "epoch_0000"]
+
+
+def test_the_guard_on_the_digits_runs_fires_on_flow_grpo_and_diffusion_nft_and_not_on_ddpo():
+    """docs/guard_digits.json: the shipped digits configs' eval batches every 4 epochs, as
+    `python bench/guard_digits.py` recorded them (60 epochs each, seed 0). Replayed through the
+    guard they give the warnings the runs printed: none for configs/digits.yaml (DDPO: the
+    held-out judge rises with the trained one), and one for Flow-GRPO and DiffusionNFT, whose
+    digit_judge climbs to about 0.95 while the held-out judge falls: blobs that the CNN reads as
+    digits and the nearest-neighbour judge as none."""
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "docs" / "guard_digits.json").read_text())
+    fired = {}
+    for name, record in recorded.items():
+        guard = HackingGuard(record["guard"]["heldout_tolerance"], record["guard"]["heldout_patience"])
+        lines = []
+        for e in record["evaluations"]:
+            evaluation = Evaluation(e["epoch"], e["eval_reward_mean"], e["heldout_reward_mean"])
+            if guard.observe(evaluation)[1]:
+                lines.append(guard.warning(evaluation, "digit_judge_2"))
+        assert [line.split("; best held-out")[0] for line in record["warnings"]] == lines
+        assert [e["epoch"] for e in record["evaluations"] if e["guard"]] == [
+            int(line.split(":")[0].removeprefix("warning: epoch ")) for line in lines]
+        fired[name] = len(lines)
+    assert fired["digits"] == 0 and fired["digits_flow"] >= 1 and fired["digits_flow_nft"] >= 1
