@@ -8,11 +8,14 @@ detail in the answer does not lower it (that is what precision would measure).
 
 Two backends ask the VLM the same prompt and return its raw text, parsed the same way: the
 transformers one (`generate`, greedy) and an offline vLLM engine (one batched `generate`, greedy).
+They also give the log-probs of an answer's first token, which the yes/no judges read
+(rewards/vlm_judge.py, rewards/geneval.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import threading
@@ -53,33 +56,51 @@ def _loading(param: str, path: str) -> Iterator[None]:
 
 
 class TransformersBackend:
-    """The VLM through transformers: AutoProcessor + AutoModelForImageTextToText, greedy."""
+    """The VLM through transformers: AutoProcessor + AutoModelForImageTextToText, batches padded on
+    the left, so that every row's last token is at the last position."""
 
-    def __init__(self, model: str, max_new_tokens: int, batch_size: int, device: str, dtype: str):
+    def __init__(self, model: str, batch_size: int, device: str, dtype: str):
         self.processor = AutoProcessor.from_pretrained(model)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues each row's end
+        self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.batch_size = batch_size
 
-    @torch.inference_mode()
-    def answer(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
-        answers = []
+    def _batches(self, images: list[Image.Image], prompts: list[str]) -> Iterator[Any]:
         for start in range(0, len(images), self.batch_size):
             end = start + self.batch_size
-            inputs = self.processor(images=images[start:end], text=prompts[start:end], padding=True,
-                                    return_tensors="pt").to(self.model.device, dtype=self.model.dtype)
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+            yield self.processor(images=images[start:end], text=prompts[start:end], padding=True,
+                                 return_tensors="pt").to(self.model.device, dtype=self.model.dtype)
+
+    @torch.inference_mode()
+    def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Each prompt's answer, greedy, at most `max_new_tokens` tokens."""
+        answers = []
+        for inputs in self._batches(images, prompts):
+            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
             answers += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return answers
 
+    @torch.inference_mode()
+    def first_token_log_probs(self, images: list[Image.Image], prompts: list[str], token_ids: list[int],
+                              top_k: int) -> np.ndarray:
+        """log p(token | image, prompt) of the answer's first token, for each of `token_ids`
+        [len(prompts), len(token_ids)], float64: one forward pass, the log-softmax of the logits
+        at the last position over the whole vocabulary (`top_k` is the vLLM backend's limit; here
+        every token has its log-prob)."""
+        rows = []
+        for inputs in self._batches(images, prompts):
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]  # [batch, vocab]
+            rows.append(logits.double().log_softmax(dim=-1)[:, token_ids].cpu())
+        return torch.cat(rows).numpy()
+
 
 class VLLMBackend:
-    """The VLM served by an offline vLLM engine (its engine core runs in a child process), greedy."""
+    """The VLM served by an offline vLLM engine (its engine core runs in a child process)."""
 
-    def __init__(self, model: str, max_new_tokens: int, dtype: str, gpu_memory_utilization: float,
-                 max_model_len: int | None, limit_mm_per_prompt: dict[str, int],
-                 tensor_parallel_size: int, engine_args: dict[str, Any]):
+    def __init__(self, model: str, dtype: str, gpu_memory_utilization: float, max_model_len: int | None,
+                 limit_mm_per_prompt: dict[str, int], tensor_parallel_size: int, engine_args: dict[str, Any]):
         try:
             import pydantic
             import vllm
@@ -87,7 +108,7 @@ class VLLMBackend:
         except ImportError:
             raise RewardError("reward.params.backend: vllm is not installed; on GPU machines "
                               "`pip install 'ddpo-ray[vllm]'`, on CPU see the README") from None
-        self.engine_dead_error = EngineDeadError
+        self.engine_dead_error, self.sampling_params = EngineDeadError, vllm.SamplingParams
         children = set(multiprocessing.active_children())
         try:
             self.llm = vllm.LLM(model=model, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
@@ -99,16 +120,30 @@ class VLLMBackend:
             raise RewardError(f"reward.params: vLLM cannot start an engine for '{model}' "
                               f"({err.errors()[0]['msg']}){hint}") from None
         self.engine_processes = [p for p in multiprocessing.active_children() if p not in children]
-        self.sampling_params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.tokenizer = self.llm.get_tokenizer()
 
-    def answer(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+    def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Each prompt's answer, greedy, at most `max_new_tokens` tokens."""
+        outputs = self._generate(images, prompts, self.sampling_params(temperature=0.0, max_tokens=max_new_tokens))
+        return [output.outputs[0].text for output in outputs]
+
+    def first_token_log_probs(self, images: list[Image.Image], prompts: list[str], token_ids: list[int],
+                              top_k: int) -> np.ndarray:
+        """log p(token | image, prompt) of the answer's first token, for each of `token_ids`
+        [len(prompts), len(token_ids)], float64: vLLM returns the `top_k` most likely first tokens'
+        log-probs (its raw log-softmax), and a token not among them is -inf here (p = 0)."""
+        outputs = self._generate(images, prompts, self.sampling_params(temperature=0.0, max_tokens=1, logprobs=top_k))
+        return np.array([top_log_probs(output.outputs[0].logprobs[0], token_ids) for output in outputs],
+                        dtype=np.float64).reshape(len(prompts), len(token_ids))
+
+    def _generate(self, images: list[Image.Image], prompts: list[str], sampling_params: Any) -> list[Any]:
         requests = [{"prompt": prompt, "multi_modal_data": {"image": image}}
                     for image, prompt in zip(images, prompts)]
         outcome: dict[str, Any] = {}
 
         def generate():
             try:
-                outcome["outputs"] = self.llm.generate(requests, self.sampling_params, use_tqdm=False)
+                outcome["outputs"] = self.llm.generate(requests, sampling_params, use_tqdm=False)
             except Exception as err:
                 outcome["error"] = err
 
@@ -120,13 +155,39 @@ class VLLMBackend:
         while thread.is_alive():
             thread.join(timeout=1.0)
             if thread.is_alive() and not all(process.is_alive() for process in self.engine_processes):
-                raise RewardProcessDead("the vLLM engine serving the prompt-alignment VLM died mid-request")
+                raise RewardProcessDead("the vLLM engine serving the reward's VLM died mid-request")
         error = outcome.get("error")
         if isinstance(error, self.engine_dead_error):
-            raise RewardProcessDead("the vLLM engine serving the prompt-alignment VLM died") from error
+            raise RewardProcessDead("the vLLM engine serving the reward's VLM died") from error
         if error is not None:
             raise error
-        return [output.outputs[0].text for output in outcome["outputs"]]
+        return outcome["outputs"]
+
+
+def top_log_probs(position_log_probs: dict[int, Any], token_ids: list[int]) -> list[float]:
+    """The log-probs of `token_ids` among vLLM's top-k of one position ({token id: Logprob}); a
+    token not among them is -inf."""
+    return [position_log_probs[token_id].logprob if token_id in position_log_probs else -math.inf
+            for token_id in token_ids]
+
+
+def load_vlm(param: str, model: str, backend: str, batch_size: int, device: str, dtype: str,
+             gpu_memory_utilization: float, max_model_len: int | None, limit_mm_per_prompt: dict[str, int] | None,
+             tensor_parallel_size: int, engine_args: dict[str, Any] | None) -> TransformersBackend | VLLMBackend:
+    """The VLM `model` through `backend` ("transformers" on `device`, "vllm" where vLLM places it);
+    a model that cannot be loaded is one line naming `reward.params.<param>`."""
+    if backend not in BACKENDS:
+        raise RewardError(f"reward.params.backend: must be one of {list(BACKENDS)}, got '{backend}'")
+    with _loading(param, model):
+        AutoConfig.from_pretrained(model)  # fails fast, before a vLLM engine starts
+        if backend == "transformers":
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if dtype == "auto" and device == "cpu":
+                dtype = "float32"  # half precision is slow or missing on CPU
+            return TransformersBackend(model, batch_size, device, dtype)
+        return VLLMBackend(model, dtype, gpu_memory_utilization, max_model_len,
+                           dict(limit_mm_per_prompt or {"image": 1}), tensor_parallel_size, dict(engine_args or {}))
 
 
 class PromptAlignment:
@@ -167,20 +228,13 @@ class PromptAlignment:
             raise RewardError(f"reward.params.bertscore_layer: '{bertscore_model}' has layers "
                               f"0..{self.scorer.num_layers}, got {bertscore_layer}")
 
-        with _loading("vlm", vlm):
-            AutoConfig.from_pretrained(vlm)  # fails fast, before a vLLM engine starts
-            if backend == "transformers":
-                if dtype == "auto" and device == "cpu":
-                    dtype = "float32"  # half precision is slow or missing on CPU
-                self.backend = TransformersBackend(vlm, max_new_tokens, batch_size, device, dtype)
-            else:
-                self.backend = VLLMBackend(vlm, max_new_tokens, dtype, gpu_memory_utilization,
-                                           max_model_len, dict(limit_mm_per_prompt or {"image": 1}),
-                                           tensor_parallel_size, dict(vllm_engine_args or {}))
+        self.max_new_tokens = max_new_tokens
+        self.backend = load_vlm("vlm", vlm, backend, batch_size, device, dtype, gpu_memory_utilization,
+                                max_model_len, limit_mm_per_prompt, tensor_parallel_size, vllm_engine_args)
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> tuple[np.ndarray, dict]:
         pil_images = [Image.fromarray(image) for image in images]
-        texts = self.backend.answer(pil_images, [self.vlm_prompt] * len(pil_images))
+        texts = self.backend.answer(pil_images, [self.vlm_prompt] * len(pil_images), self.max_new_tokens)
         answers = [parse_answer(text, self.stop) for text in texts]
         references = [self.reference_template.format(prompt=prompt) for prompt in prompts]
         precision, recall, f1 = self.scorer.score(answers, references)
