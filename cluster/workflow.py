@@ -275,7 +275,8 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
 def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None) -> pa.Table:
     """The records with their rewards (`reward`, `info.<key>`), scored behind the reward pool by
     the reward service `reward.service` names, else by reward actors of its own
-    (`cluster.num_reward_actors`, with `cluster.reward`'s resources)."""
+    (`cluster.num_reward_actors`, with `cluster.reward`'s resources); with `reward.heldout`, the
+    held-out reward's too (`heldout`, `heldout_info.<key>`)."""
     import ray
 
     from cluster import ACTOR_ENV
@@ -308,18 +309,29 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
         pool = RewardPool(scorers, config.reward.label, config.reward.max_batch_images, config.reward.timeout_s,
                           names)
         metadata = config.load_prompt_metadata()  # a JSON Lines prompts file's, for the reward
-        for record in records:
-            prompts = set(record.column("prompt").to_pylist())
-            pool.submit(ray.put(record), record.num_rows, {p: metadata[p] for p in prompts if p in metadata})
+        refs = [ray.put(record) for record in records]
+        record_metadata = [{p: metadata[p] for p in set(record.column("prompt").to_pylist()) if p in metadata}
+                           for record in records]
+        for ref, record, prompt_metadata in zip(refs, records, record_metadata):
+            pool.submit(ref, record.num_rows, prompt_metadata)
         scored = {}
         while pool.num_items:
             scored.update((batch_id, (rewards, info)) for batch_id, rewards, info in pool.poll())
+        heldout = {}  # the held-out reward (`reward.heldout`), record by record on the actors in turn
+        if config.reward.heldout:
+            calls = [scorers[i % len(scorers)].score.remote(ref, prompt_metadata=prompt_metadata, heldout=True)
+                     for i, (ref, prompt_metadata) in enumerate(zip(refs, record_metadata))]
+            heldout = {batch_id: (rewards, info) for ((batch_id, rewards, info),) in ray.get(calls)}
     finally:
         for actor in actors:
             ray.kill(actor)
         if started:
             ray.shutdown()
-    tables = [with_rewards(pa.Table.from_batches([r]), *scored[r.column("batch_id")[0].as_py()]) for r in records]
+    tables = []
+    for record in records:
+        batch_id = record.column("batch_id")[0].as_py()
+        table = with_rewards(pa.Table.from_batches([record]), *scored[batch_id])
+        tables.append(with_rewards(table, *heldout[batch_id], column="heldout") if heldout else table)
     return pa.concat_tables(tables)
 
 

@@ -199,6 +199,6 @@ def test_the_guard_on_the_digits_runs_fires_on_flow_grpo_and_diffusion_nft_and_n
                 lines.append(guard.warning(evaluation, "digit_judge_2"))
         assert [line.split("; best held-out")[0] for line in record["warnings"]] == lines
         assert [e["epoch"] for e in record["evaluations"] if e["guard"]] == [
-            int(line.split(":")[0].removeprefix("warning: epoch ")) for line in lines]
+            int(line.removeprefix("warning: epoch ").split(":")[0]) for line in lines]
         fired[name] = len(lines)
     assert fired["digits"] == 0 and fired["digits_flow"] >= 1 and fired["digits_flow_nft"] >= 1

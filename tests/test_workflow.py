@@ -156,6 +156,12 @@ def test_eval_scores_the_checkpoints_images_with_the_runs_reward_on_ray(run, ray
     assert base["checkpoint"] is None and base["reward"] == "jpeg_incompressibility"
     # the means are exact (above): other images' sizes give another mean
     assert base["reward_mean"] > 0 and base["reward_mean"] != -report["reward_mean"]
+    # a held-out reward (the guard's) is scored beside the trained one: x2 is exact in float32
+    out = tmp_path / "heldout.json"
+    assert main(["eval", str(run_dir), "--num-per-prompt", str(NUM), "--out", str(out),
+                 "--set", "reward.heldout=[{name: jpeg_incompressibility, weight: 2.0}]"]) == 0
+    heldout = json.loads(out.read_text())
+    assert heldout["reward_mean"] == report["reward_mean"] and heldout["heldout_reward_mean"] == -2 * rewards.mean()
 
 
 def _stderr(values: np.ndarray) -> float:
