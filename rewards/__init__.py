@@ -31,6 +31,12 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "rewards.aesthetic:AestheticScore",
     "pickscore": "rewards.pickscore:PickScore",
     "digit_judge": "rewards.digits:DigitJudge",
+    "digit_judge_2": "rewards.digits:DigitJudge2",
+    "hpsv2": "rewards.hpsv2:HPSv2",
+    "image_reward": "rewards.image_reward:ImageReward",
+    "ocr": "rewards.ocr:OCRReward",
+    "vlm_judge": "rewards.vlm_judge:VLMJudge",
+    "geneval": "rewards.geneval:GenEval",
 }
 
 
