@@ -154,31 +154,30 @@ def _guarded_run(tmp_path, action: str, num_epochs: int = 3):
     return driver, history, read_metrics(run_dir), guard_lines, lr, run_dir
 
 
-def test_warn_keeps_training_and_keeps_the_best_heldout_checkpoint(ray_session, tmp_path, capfd):
-    driver, history, metrics, guard_lines, lr, run_dir = _guarded_run(tmp_path, "warn")
-    assert [m["epoch"] for m in metrics] == [0, 1, 2]
-    # the eval batch of epoch e is sampled with version e + 1: trained e + 1, held-out -(e + 1)
-    assert [(m["eval_reward_mean"], m["heldout_reward_mean"]) for m in metrics] == [(1, -1), (2, -2), (3, -3)]
-    assert [m.get("heldout_guard") for m in metrics] == [None, "warn", None]  # once per streak
-    assert [(g["epoch"], g["action"], g["best"]["epoch"]) for g in guard_lines] == [(1, "warn", 0)]
-    assert "warning: epoch 1: reward hacking? the trained reward rose 1.000 -> 2.000 while the held-out " \
-           f"{'tests.test_guard:policy_version_reward'} fell -1.000 -> -2.000 since epoch 0" in capfd.readouterr().err
-    best = json.loads((run_dir / "checkpoints" / "best" / "learner_state.json").read_text())
-    assert best["policy_version"] == 1 and lr == 3e-3
-    assert driver.completed
-
-
-def test_rollback_goes_back_to_the_best_at_half_the_learning_rate_then_stops(ray_session, tmp_path):
+def test_rollback_goes_back_to_the_best_at_half_the_learning_rate_then_stops(ray_session, tmp_path, capfd):
+    """`warn` differs from it only in the action taken after the same line (the rule and the line
+    are tested above)."""
     from cluster.driver import MAX_ROLLBACKS
 
     driver, history, metrics, guard_lines, lr, run_dir = _guarded_run(tmp_path, "rollback")
     # epoch 1 fires every time: rolled back to epoch 0's weights MAX_ROLLBACKS times, then stopped
-    assert [(g["epoch"], g["action"]) for g in guard_lines] == [(1, "rollback")] * MAX_ROLLBACKS + [(1, "stop")]
+    assert [(g["epoch"], g["action"], g["best"]["epoch"]) for g in guard_lines] == (
+        [(1, "rollback", 0)] * MAX_ROLLBACKS + [(1, "stop", 0)])
     assert lr == 3e-3 / 2**MAX_ROLLBACKS
     assert [m["epoch"] for m in metrics] == [0, 1] and metrics[1]["heldout_guard"] == "stop"
+    # the eval batch of epoch e is sampled with version e + 1: trained e + 1, held-out -(e + 1)
+    assert [(m["eval_reward_mean"], m["heldout_reward_mean"]) for m in metrics] == [(1, -1), (2, -2)]
     assert [m["epoch"] for m in history] == [0, 1]
     assert driver.guard_stop is not None and not driver.completed
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "epoch_0000"]
+    best = json.loads((run_dir / "checkpoints" / "best" / "learner_state.json").read_text())
+    assert best["policy_version"] == 1
+    printed = [line for line in capfd.readouterr().err.splitlines() if "reward hacking?" in line]
+    assert len(printed) == MAX_ROLLBACKS + 1
+    assert printed[0].endswith("rolling back to it at half the learning rate")
+    assert "warning: epoch 1: reward hacking? the trained reward rose 1.000 -> 2.000 while the held-out " \
+           "tests.test_guard:policy_version_reward fell -1.000 -> -2.000 since epoch 0" in printed[-1]
+    assert printed[-1].endswith("the run stops here")
 
 
 def test_the_guard_on_the_digits_runs_fires_on_flow_grpo_and_diffusion_nft_and_not_on_ddpo():

@@ -332,7 +332,7 @@ def test_the_learner_group_restarts_until_its_limit_then_the_error_ends_the_run(
     driver.config = tiny_config(tmp_path, **{"cluster.learner_max_restarts": 2})
     driver.run_dir, driver.learner_restarts = tmp_path, 0
     driver.learners, driver.samplers, driver.reward_actors = [], [], []
-    driver.learner_names, driver.plain_samplers = ["learner-0"], {}
+    driver.learner_names, driver.plain_samplers, driver.reward_service = ["learner-0"], {}, None
     dead, restarts = ["learner-0"], []
 
     def restart(names):
