@@ -1,7 +1,8 @@
 """Reward functions and their registry.
 
 A reward is `fn(images, prompts, metadata) -> (rewards, info)`: images uint8 [B, H, W, 3],
-prompts a list of B strings, metadata a list of B dicts; rewards a float array [B], info a dict
+prompts a list of B strings, metadata a list of B dicts (batch_id, seed, policy_version, and the
+prompt's own fields from a JSON Lines prompts file); rewards a float array [B], info a dict
 of per-image extras (lists of length B; an `answer` entry, such as a VLM's answer, is shown
 under each image in the sample grids).
 
