@@ -71,20 +71,21 @@ def _check_local_or_repo_id(name: str, key: str) -> None:
             raise RewardError(f"reward.params.{key}: no such file or folder '{name}'") from None
 
 
-def _head_file(head: str, filename: str) -> Path:
-    """A local file, `filename` in a local folder, or `filename` from the hub repo `head`."""
-    path = Path(head).expanduser()
+def weights_file(value: str, filename: str, param: str, filename_param: str) -> Path:
+    """A local file, `filename` in a local folder, or `filename` from the hub repo `value`; the
+    errors name `reward.params.<param>` (and `<filename_param>` for a folder without the file)."""
+    path = Path(value).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
         if not (path / filename).is_file():
-            raise RewardError(f"reward.params.head_filename: no '{filename}' in '{path}'")
+            raise RewardError(f"reward.params.{filename_param}: no '{filename}' in '{path}'")
         return path / filename
-    _check_local_or_repo_id(head, "head")
+    _check_local_or_repo_id(value, param)
     try:
-        return Path(hf_hub_download(head, filename))
+        return Path(hf_hub_download(value, filename))
     except (OSError, EntryNotFoundError) as err:  # offline and not cached, no such repo or file
-        raise RewardError(f"reward.params.head: no local '{head}', and no '{filename}' from the hub repo "
+        raise RewardError(f"reward.params.{param}: no local '{value}', and no '{filename}' from the hub repo "
                           f"of that name ({_reason(err)})") from None
 
 
@@ -108,7 +109,7 @@ class AestheticScore:
                  head: str = "trl-lib/ddpo-aesthetic-predictor", head_filename: str = "aesthetic-model.pth",
                  device: str = "auto", dtype: str = "float32", batch_size: int = 32):
         self.device, self.dtype, self.batch_size = clip_settings(device, dtype, batch_size)
-        state = _load_state_dict(_head_file(head, head_filename))
+        state = _load_state_dict(weights_file(head, head_filename, "head", "head_filename"))
         _check_local_or_repo_id(clip_model, "clip_model")
         try:
             self.processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")

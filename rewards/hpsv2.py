@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import cached_file
 
 from rewards import RewardError
-from rewards.aesthetic import _check_local_or_repo_id, _reason, clip_settings
+from rewards.aesthetic import _check_local_or_repo_id, _reason, clip_settings, weights_file
 from rewards.pickscore import LAION_CLIP_H, CLIPPreference
 
 PUBLISHED_REPO = "xswu/HPSv2"  # on the hub: HPS_v2_compressed.pt (v2.0) and HPS_v2.1_compressed.pt
@@ -97,23 +95,6 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
     return converted
 
 
-def _checkpoint_file(checkpoint: str, filename: str) -> Path:
-    """A local file, `filename` in a local folder, or `filename` from the hub repo `checkpoint`."""
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if not (path / filename).is_file():
-            raise RewardError(f"reward.params.checkpoint_filename: no '{filename}' in '{path}'")
-        return path / filename
-    _check_local_or_repo_id(checkpoint, "checkpoint")
-    try:
-        return Path(hf_hub_download(checkpoint, filename))
-    except (OSError, EntryNotFoundError) as err:  # offline and not cached, no such repo or file
-        raise RewardError(f"reward.params.checkpoint: no local '{checkpoint}', and no '{filename}' from the "
-                          f"hub repo of that name ({_reason(err)})") from None
-
-
 def _load_open_clip(path: Path, processor: str) -> CLIPModel:
     """The open_clip state dict at `path` (as published: under the key "state_dict"), converted
     onto a CLIPModel built from `processor`'s config; every weight must be there, and no other."""
@@ -169,7 +150,7 @@ class HPSv2(CLIPPreference):
         if model is not None and checkpoint is not None:
             raise RewardError("reward.params.model: give model or checkpoint, not both")
         if model is None:
-            path = _checkpoint_file(checkpoint or PUBLISHED_REPO, checkpoint_filename)
+            path = weights_file(checkpoint or PUBLISHED_REPO, checkpoint_filename, "checkpoint", "checkpoint_filename")
             self._load_processor(processor)
             clip = _load_open_clip(path, processor)
         else:

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -38,7 +36,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.utils import cached_file
 
 from rewards import RewardError
-from rewards.aesthetic import AestheticMLP, _check_local_or_repo_id, _reason, clip_settings
+from rewards.aesthetic import AestheticMLP, _check_local_or_repo_id, _reason, clip_settings, weights_file
 
 PUBLISHED_REPO = "THUDM/ImageReward"  # on the hub: ImageReward.pt and med_config.json
 CHECKPOINT_FILENAME = "ImageReward.pt"
@@ -109,23 +107,6 @@ def convert_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 converted[name] = value
                 break
     return converted
-
-
-def _checkpoint_file(checkpoint: str) -> Path:
-    """A local file, ImageReward.pt in a local folder, or ImageReward.pt from the hub repo `checkpoint`."""
-    path = Path(checkpoint).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if not (path / CHECKPOINT_FILENAME).is_file():
-            raise RewardError(f"reward.params.checkpoint: no '{CHECKPOINT_FILENAME}' in '{path}'")
-        return path / CHECKPOINT_FILENAME
-    _check_local_or_repo_id(checkpoint, "checkpoint")
-    try:
-        return Path(hf_hub_download(checkpoint, CHECKPOINT_FILENAME))
-    except (OSError, EntryNotFoundError) as err:  # offline and not cached, no such repo or file
-        raise RewardError(f"reward.params.checkpoint: no local '{checkpoint}', and no '{CHECKPOINT_FILENAME}' "
-                          f"from the hub repo of that name ({_reason(err)})") from None
 
 
 def _model_file(name: str, filename: str, key: str) -> str:
@@ -230,7 +211,7 @@ class ImageReward:
 
     @staticmethod
     def _load_checkpoint(checkpoint: str, config: str | None) -> ImageRewardModel:
-        path = _checkpoint_file(checkpoint)
+        path = weights_file(checkpoint, CHECKPOINT_FILENAME, "checkpoint", "checkpoint")
         blip_config = image_reward_config() if config is None else _blip_config(config, "config")
         with no_init_weights():  # every weight is loaded next
             built = ImageRewardModel(blip_config)
