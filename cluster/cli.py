@@ -53,9 +53,7 @@ from importlib import resources
 from pathlib import Path
 
 from cluster import QUIET_ENV
-
-for _name, _value in QUIET_ENV.items():  # before the libraries are imported
-    os.environ.setdefault(_name, _value)
+from ddpo.errors import AddressError, ConfigError, UserError, one_line
 
 DEFAULT_CONFIG = "digits.yaml"
 
@@ -69,10 +67,6 @@ CONNECT_TIMEOUT_S = 3.0
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 # what whoever sends SIGTERM should allow beyond cluster.stop_grace_s: the driver's exit
 STOP_MARGIN_S = 5
-
-
-class UsageError(Exception):
-    """A problem the user fixes in the config or the command line."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -133,10 +127,10 @@ def _check_reachable(address: str, source: str) -> None:
         try:  # as ray.init does: `auto` found on this machine, a loopback host made the node's IP
             target = canonicalize_bootstrap_address(address)
         except ConnectionError:
-            raise UsageError(f"{source}: auto found no running Ray cluster on this machine (start one with "
+            raise AddressError(f"{source}: auto found no running Ray cluster on this machine (start one with "
                              "`ray start --head`, or give its host:port)") from None
         except ValueError as err:  # `auto` reads RAY_ADDRESS, which may hold anything
-            raise UsageError(f"{source}: {address}: {err}") from None
+            raise AddressError(f"{source}: {address}: {err}") from None
     host, port = target.rsplit(":", 1)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
@@ -150,29 +144,12 @@ def _check_reachable(address: str, source: str) -> None:
         else:
             cause = err.strerror or type(err).__name__
         where = "" if target == address.removeprefix("ray://") else f"resolved to {target}: "
-        raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({where}{cause})") from None
-
-
-def check_device_here(device: str, field: str, hint: str) -> None:
-    """A model that runs in this process (or a local Ray instance) needs its device here: a
-    one-line error naming `field` instead of a CUDA traceback from the first `.to(device)`."""
-    import torch
-
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"{field}: '{device}' but this machine has no CUDA device ({hint})")
-        if index and int(index) >= count:
-            raise UsageError(f"{field}: '{device}' but this machine has {count} CUDA device"
-                             f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{field}: 'mps' but this machine has no MPS device ({hint})")
+        raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({where}{cause})") from None
 
 
 def _check_seed(seed: int) -> None:
     if seed < 0:
-        raise UsageError(f"--seed: must be >= 0, got {seed}")
+        raise ConfigError(f"--seed: must be >= 0, got {seed}")
 
 
 def _prepare(args) -> tuple:
@@ -183,10 +160,10 @@ def _prepare(args) -> tuple:
 
     if args.resume is not None:
         if args.config is not None:
-            raise UsageError("--resume: the run's own config.yaml is used; drop --config (use --set to change values)")
+            raise ConfigError("--resume: the run's own config.yaml is used; drop --config (use --set to change values)")
         config_path = Path(args.resume) / "config.yaml"
         if not config_path.is_file():
-            raise UsageError(f"--resume: '{args.resume}' is not a run directory (no config.yaml there)")
+            raise ConfigError(f"--resume: '{args.resume}' is not a run directory (no config.yaml there)")
     else:
         config_path = args.config or embedded_config()
     config = load_config(config_path, args.set)
@@ -194,7 +171,7 @@ def _prepare(args) -> tuple:
         config.cluster.address = args.address
     address, source = ray_address(config.cluster.address, "--address" if args.address else "cluster.address")
     config.load_prompts()
-    from ddpo.pipeline import check_family_settings, check_pretrained  # torch and diffusers: seconds to import
+    from ddpo.pipeline import check_device_here, check_family_settings, check_pretrained  # torch, diffusers: seconds
 
     if address is None:  # a local instance: the model runs on this machine
         check_device_here(config.model.device, "model.device", "use cpu or auto, or --address a cluster with GPUs")
@@ -215,7 +192,7 @@ def _check_writable(folder: str, field: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise UsageError(f"{field}: cannot write to '{folder}' ({err.strerror or err})") from None
+        raise ConfigError(f"{field}: cannot write to '{folder}' ({err.strerror or err})") from None
 
 
 def _say(line: str, file=None) -> None:
@@ -357,7 +334,7 @@ def train(args) -> int:
     else:
         run_dir, checkpoint = Path(args.resume), resume_checkpoint(Path(args.resume))
         if checkpoint is None:
-            raise UsageError(f"--resume: '{run_dir}' has no checkpoint to resume from")
+            raise ConfigError(f"--resume: '{run_dir}' has no checkpoint to resume from")
     stop = GracefulStop(run_dir, config.cluster.stop_grace_s, local_ray=address is None)
     if address is None:  # local single-node mode: every socket on loopback (cluster/local.py)
         from cluster.local import start_local_ray
@@ -381,9 +358,7 @@ def train(args) -> int:
             # a namespace of the run's own: runs on one cluster name their actors alike (worker-0, ...)
             context = ray.init(address=address, namespace=f"ddpo-{run_dir.name}")
         except ConnectionError as err:  # its port answered, but no Ray cluster there did
-            from ddpo.pipeline import _one_line
-
-            raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({_one_line(err)})") from None
+            raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({one_line(err)})") from None
         stop.install()
     dashboard = context.dashboard_url
     token = " (token: run `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
@@ -458,7 +433,7 @@ def _device_memory(config, gpu_memory_gb: float | None, local: bool) -> int | No
 
     if gpu_memory_gb is not None:
         if not (gpu_memory_gb > 0 and math.isfinite(gpu_memory_gb)):
-            raise UsageError(f"--gpu-memory: must be a number > 0 (GiB), got {gpu_memory_gb:g}")
+            raise ConfigError(f"--gpu-memory: must be a number > 0 (GiB), got {gpu_memory_gb:g}")
         return int(gpu_memory_gb * GIB)
     if config.cluster.device_memory_gb is not None:
         return int(config.cluster.device_memory_gb * GIB)
@@ -550,7 +525,7 @@ def export(args) -> int:
     from cluster.workflow import export_run
 
     if not args.merge and (args.device is not None or args.dtype is not None):
-        raise UsageError("--device/--dtype: only with --merge (the LoRA alone is copied as it is)")
+        raise ConfigError("--device/--dtype: only with --merge (the LoRA alone is copied as it is)")
     result = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge,
                         device=args.device or "cpu", dtype=args.dtype or "float32")
     name = f"{result.checkpoint.name} ({result.epochs} epochs trained)"
@@ -566,7 +541,7 @@ def serve_rewards(args) -> int:
     config = None
     if args.stop is not None:
         if args.config is not None or args.set or args.name is not None:
-            raise UsageError("--stop: takes only the service's name (and --address); drop --config, --set, --name")
+            raise ConfigError("--stop: takes only the service's name (and --address); drop --config, --set, --name")
         configured = None
     else:
         from rewards import check_rewards
@@ -592,9 +567,7 @@ def serve_rewards(args) -> int:
         try:
             ray.init(address=address, namespace="ddpo", log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as err:  # its port answered, but no Ray cluster there did
-            from ddpo.pipeline import _one_line
-
-            raise UsageError(f"{source}: cannot reach a Ray cluster at {address} ({_one_line(err)})") from None
+            raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({one_line(err)})") from None
     try:
         if args.stop is not None:
             count = stop_service(args.stop)
@@ -698,21 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(err: BaseException) -> BaseException | None:
+def _user_error(err: BaseException) -> UserError | None:
     """The user-fixable error behind `err`, also when it arrives wrapped by Ray."""
-    # the error classes of the modules imported so far (no other can have been raised): an
-    # early error is not kept waiting seconds while torch and Ray are imported
-    classes = [("ddpo.config", "ConfigError"), ("ddpo.pipeline", "ModelLoadError"), ("rewards", "RewardError"),
-               ("cluster.placement", "PlacementError"), ("cluster.driver", "ActorLost"),
-               ("cluster.driver", "WriteFailed"), ("cluster.reward_service", "RewardServiceError")]
-    fixable = (UsageError, FileExistsError,
-               *(getattr(sys.modules[module], name) for module, name in classes if module in sys.modules))
     seen = err
     while seen is not None:
         wrapped = getattr(seen, "cause", None)  # Ray's task errors carry the original as .cause
         if isinstance(wrapped, BaseException) and wrapped is not seen:
             seen = wrapped
-        elif isinstance(seen, fixable):
+        elif isinstance(seen, UserError):
             return seen
         else:
             seen = seen.__cause__
@@ -720,6 +686,8 @@ def _user_error(err: BaseException) -> BaseException | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in QUIET_ENV.items():  # before the commands import the libraries
+        os.environ.setdefault(name, value)
     try:
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:  # reported by the command's parser, as its other errors are

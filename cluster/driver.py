@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from cluster import ACTOR_ENV
 from cluster.metrics import ROLES, DriverMetrics, install_grafana_dashboard
 from cluster.placement import Placement, resolve_layout
-from cluster.remote import CONCURRENCY_GROUPS, RewardActor
+from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
 from cluster.remote_policy import LearnerActor, SamplerActor, WorkerActor
 from cluster.reward_pool import RewardPool
 from cluster.reward_service import connect_service
 from cluster.run_dir import (RunRecorder, eval_metrics, is_checkpoint_epoch, latest_checkpoint, read_metrics,
                              resume_checkpoint, with_rewards)
 from ddpo.config import Config
+from ddpo.errors import RunError
 from ddpo.guard import Evaluation, HackingGuard
 from ddpo.plan import SampleBatchSpec, epoch_plan, eval_plan, fresh_batches
 from ddpo.trajectory import EpochTrajectories
@@ -47,7 +48,7 @@ LIVENESS_TIMEOUT_S = 30.0
 STOP_POLL_S = 0.25
 
 
-class ActorLost(RuntimeError):
+class ActorLost(RunError):
     """An actor died for good (a sampler or reward actor out of restarts, a learner rank after
     the learner group's restarts)."""
 
@@ -66,7 +67,7 @@ class RolledBack(Exception):
 MAX_ROLLBACKS = 3
 
 
-class WriteFailed(RuntimeError):
+class WriteFailed(RunError):
     """Writing the run directory failed mid-run (a full disk, say): the run stopped, and the
     checkpoints written before stay whole."""
 
@@ -76,12 +77,6 @@ class SampleTask:
     spec: SampleBatchSpec
     trajectory_ref: ray.ObjectRef  # the full trajectories (with latents), for the learner
     summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
-
-
-def restart_options(max_restarts: int) -> dict:
-    """A restartable actor also reruns the tasks it had in flight (at least once: batch ids
-    keep a rerun from counting twice)."""
-    return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
 
 
 def get_all(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> list:

@@ -26,14 +26,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ddpo.config import ActorResources, ClusterConfig, Config
+from ddpo.errors import PlacementError
 
 # `auto` counts on a CPU model: one device per core, up to this many (the tiny models gain
 # little from more ranks than this, and every rank holds its own copy of the model)
 MAX_AUTO_CPU_DEVICES = 4
-
-
-class PlacementError(RuntimeError):
-    """The actors cannot be placed on this cluster; the message names the config keys."""
 
 
 def _floor4(value: float) -> float:

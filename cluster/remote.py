@@ -22,6 +22,12 @@ from rewards import RewardProcessDead
 CONCURRENCY_GROUPS = {"report": 1}
 
 
+def restart_options(max_restarts: int) -> dict:
+    """A restartable actor also reruns the tasks it had in flight (at least once: batch ids
+    keep a rerun from counting twice)."""
+    return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
+
+
 def actor_metrics(*roles: str) -> dict[str, ActorMetrics]:
     """The busy time of each role the actor plays (a colocated worker samples and trains)."""
     name = ray.get_runtime_context().get_actor_name()

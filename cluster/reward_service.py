@@ -24,15 +24,16 @@ from dataclasses import dataclass
 import ray
 
 from cluster import ACTOR_ENV
-from cluster.remote import CONCURRENCY_GROUPS, RewardActor
+from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
 from ddpo.config import ActorResources, Config, RewardConfig, RewardTerm
+from ddpo.errors import RewardError
 
 NAMESPACE = "ddpo"
 ACTOR_PREFIX = "reward-service-"
 DEFAULT_NAME = "rewards"
 
 
-class RewardServiceError(RuntimeError):
+class RewardServiceError(RewardError):
     """A reward service missing, taken, or scoring another reward; the message names the key or
     command to fix."""
 
@@ -96,8 +97,6 @@ def _running(service: str) -> list[str]:
 def start_service(config: Config, name: str) -> RewardService:
     """`cluster.num_reward_actors` detached reward actors scoring `config.reward`, each loaded:
     a reward that fails to load raises its own error, and the actors started are killed."""
-    from cluster.driver import restart_options  # not at the top: the actors' processes import this module
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise RewardServiceError(f"--name: must be letters, digits, '_', '.' or '-', got {name!r}")
     if _running(name):

@@ -14,6 +14,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from ddpo.config import Config, save_config
+from ddpo.errors import ConfigError
 from ddpo.trajectory import images_of, read_parquet, write_parquet
 
 # the rollout/train log-prob mismatch (max |ratio - 1|) above which a run warns: ten times the
@@ -25,7 +26,7 @@ def make_run_dir(config: Config) -> Path:
     name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.output_dir) / name
     if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"run_name: '{run_dir}' already holds a run; choose another run_name")
+        raise ConfigError(f"run_name: '{run_dir}' already holds a run; choose another run_name")
     for sub in ("samples", "trajectories", "checkpoints"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")

@@ -5,7 +5,7 @@ pipeline).
 
 The images are sampled in the calling process; `ddpo eval` scores them on Ray, in reward actors
 behind the reward pool as in training. Every problem the user can fix is a one-line
-`UsageError` (or the config's and the model loader's own one-line errors).
+`ddpo.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from cluster.cli import UsageError, check_device_here
 from cluster.run_dir import latest_checkpoint, sample_grid
 from ddpo.config import Config, check_device, load_config
-from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, BUILTIN_TINY
+from ddpo.errors import ConfigError
+from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, BUILTIN_TINY, check_device_here
 from rewards import check_rewards
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -41,7 +41,7 @@ def open_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[P
     """The run directory and its config.yaml, with `--set` overrides applied."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"'{run_dir}' is not a run directory (no config.yaml there)")
+        raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml there)")
     return run_dir, load_config(run_dir / "config.yaml", overrides)
 
 
@@ -62,11 +62,11 @@ def find_checkpoint(run_dir: Path, name: str | None, hint: str = "") -> Path:
         if latest is None and epochs:  # a LoRA without the learner's state
             latest = run_dir / "checkpoints" / epochs[-1]
         if latest is None:
-            raise UsageError(f"'{run_dir}' has no checkpoint (no checkpoints/epoch_NNNN/{LORA_FILE}){hint}")
+            raise ConfigError(f"'{run_dir}' has no checkpoint (no checkpoints/epoch_NNNN/{LORA_FILE}){hint}")
         return latest
     if name not in names:
         there = ", ".join(names) if names else "none"
-        raise UsageError(f"--checkpoint: no checkpoint '{name}' in '{run_dir / 'checkpoints'}' (there: {there})")
+        raise ConfigError(f"--checkpoint: no checkpoint '{name}' in '{run_dir / 'checkpoints'}' (there: {there})")
     return run_dir / "checkpoints" / name
 
 
@@ -112,12 +112,12 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     `RUN_DIR/samples_<checkpoint name>` (or `samples_base`)."""
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
     if prompts is not None and not all(p.strip() for p in prompts):
-        raise UsageError("--prompt: an empty prompt")
+        raise ConfigError("--prompt: an empty prompt")
     run_dir, config, ckpt = _open_for_sampling(run_dir, overrides, checkpoint, base)
     prompts = list(dict.fromkeys(prompts or config.load_prompts()))
     out = Path(out) if out is not None else run_dir / f"samples_{ckpt.name if ckpt else 'base'}"
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: '{out}' is a file")
+        raise ConfigError(f"--out: '{out}' is a file")
     epochs = epochs_trained(ckpt) if ckpt else 0
 
     model = load_model(config, ckpt)
@@ -141,11 +141,11 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
 
 def _check_sampling(checkpoint: str | None, base: bool, num_per_prompt: int, batch_size: int | None) -> None:
     if base and checkpoint is not None:
-        raise UsageError("--base uses the base model without the LoRA; drop --checkpoint")
+        raise ConfigError("--base uses the base model without the LoRA; drop --checkpoint")
     if num_per_prompt < 1:
-        raise UsageError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
+        raise ConfigError(f"--num-per-prompt: must be >= 1, got {num_per_prompt}")
     if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size: must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
 
 
 def _open_for_sampling(run_dir: str | Path, overrides: list[str] | None, checkpoint: str | None,
@@ -205,7 +205,7 @@ def load_model(config: Config, checkpoint: Path | None):
     try:
         load_lora_state(model.denoiser, model.read_lora(checkpoint))
     except ValueError as err:  # a --set lora.rank=... that does not match the checkpoint
-        raise UsageError(f"{checkpoint}: {err}") from None
+        raise ConfigError(f"{checkpoint}: {err}") from None
     return model
 
 
@@ -254,9 +254,9 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     check_rewards(config.reward)
     out = Path(out) if out is not None else run_dir / f"eval_{ckpt.name if ckpt else 'base'}.json"
     if out.is_dir():
-        raise UsageError(f"--out: '{out}' is a folder; name a .json file")
+        raise ConfigError(f"--out: '{out}' is a folder; name a .json file")
     if not out.parent.is_dir():
-        raise UsageError(f"--out: the folder '{out.parent}' does not exist")
+        raise ConfigError(f"--out: the folder '{out.parent}' does not exist")
     epochs = epochs_trained(ckpt) if ckpt else 0
     prompts = config.load_prompts()
     items = [(prompt, i) for prompt in prompts for i in range(num_per_prompt)]
@@ -280,8 +280,7 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
     import ray
 
     from cluster import ACTOR_ENV
-    from cluster.driver import restart_options
-    from cluster.remote import CONCURRENCY_GROUPS, RewardActor
+    from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
     from cluster.reward_pool import RewardPool
     from cluster.reward_service import actor_resources, connect_service
     from cluster.run_dir import with_rewards
@@ -377,9 +376,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     in `dtype` (float32 by default: it loads without a dtype argument)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out: '{out}' exists and is not empty; name a new folder")
+        raise ConfigError(f"--out: '{out}' exists and is not empty; name a new folder")
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise UsageError(f"--dtype: must be float32, float16 or bfloat16, got '{dtype}'")
+        raise ConfigError(f"--dtype: must be float32, float16 or bfloat16, got '{dtype}'")
     if merge:
         check_device(device, "--device")
         check_device_here(device, "--device", "use cpu")

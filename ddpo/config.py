@@ -19,9 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field (e.g. `train.clip_range`)."""
+from ddpo.errors import ConfigError
 
 
 @dataclass

@@ -53,7 +53,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ddpo.config import Config, ConfigError
+from ddpo.config import Config
+from ddpo.errors import ConfigError, one_line
 
 # the hub models of the shipped configs: model_index.json and each component's config.json
 MODEL_CONFIGS = Path(__file__).resolve().parent / "assets" / "model_configs"
@@ -333,10 +334,8 @@ def _hub_configs(repo: str, revision: str | None) -> Path:
                 except EntryNotFoundError:  # a tokenizer's folder has none
                     continue
     except Exception as err:  # offline, unknown or gated repo: many types, one line
-        from ddpo.pipeline import _one_line
-
         raise PlanUnavailable(
-            f"model.pretrained: no shipped configs for '{repo}' and the hub's cannot be read ({_one_line(err)}); "
+            f"model.pretrained: no shipped configs for '{repo}' and the hub's cannot be read ({one_line(err)}); "
             "plan a local diffusers folder of it instead (model.pretrained: /path/to/folder)") from None
     return index_path.parent
 

@@ -16,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from ddpo.errors import DeviceError, ModelLoadError, one_line
 from ddpo.families import ModelFamily, PromptCache, family_named
 
 BUILTIN_TINY = "builtin:tiny"
@@ -43,14 +44,25 @@ _TINY_VOCAB = (
 ).split()
 
 
-class ModelLoadError(RuntimeError):
-    """The configured model cannot be loaded; the message names `model.pretrained`."""
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device_here(device: str, field: str, hint: str) -> None:
+    """A model that runs in this process (or a local Ray instance) needs its device here: a
+    one-line error naming `field` instead of a CUDA traceback from the first `.to(device)`."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"{field}: '{device}' but this machine has no CUDA device ({hint})")
+        if index and int(index) >= count:
+            raise DeviceError(f"{field}: '{device}' but this machine has {count} CUDA device"
+                              f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{field}: 'mps' but this machine has no MPS device ({hint})")
 
 
 def word_level_tokenizer(words: list[str], model_max_length: int = 77) -> PreTrainedTokenizerFast:
@@ -118,11 +130,6 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
 def check_pretrained(pretrained: str, revision: str | None = None) -> str:
     """Fail fast, in one line, when `model.pretrained` names nothing loadable: a local folder
     must hold a diffusers `model_index.json`; a hub id must resolve (or be in the local cache).
@@ -150,7 +157,7 @@ def check_pretrained(pretrained: str, revision: str | None = None) -> str:
     except Exception as err:  # offline, unknown repo, gated, ...: many types, one line
         raise ModelLoadError(
             f"model.pretrained: '{pretrained}' is neither a local diffusers folder nor reachable "
-            f"on the Hugging Face Hub ({_one_line(err)})"
+            f"on the Hugging Face Hub ({one_line(err)})"
         ) from None
     return pretrained
 
@@ -192,7 +199,7 @@ def load_pipeline(
         except Exception as err:  # a broken folder or download: many types, one line
             raise ModelLoadError(
                 f"model.pretrained: cannot load '{pretrained}' as a {family.pipeline_class.__name__} "
-                f"({_one_line(err)})"
+                f"({one_line(err)})"
             ) from None
         finally:
             diffusers_logging.set_verbosity(verbosity)

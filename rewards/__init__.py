@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ddpo.errors import RewardError
+
 RewardFn = Callable[[np.ndarray, list[str], list[dict[str, Any]]], tuple[np.ndarray, dict[str, list]]]
 
 # name -> "module:attr", imported only when used (the model rewards pull in transformers)
@@ -39,10 +41,6 @@ REGISTRY: dict[str, str] = {
     "vlm_judge": "rewards.vlm_judge:VLMJudge",
     "geneval": "rewards.geneval:GenEval",
 }
-
-
-class RewardError(RuntimeError):
-    """A reward could not be built or returned something unusable; the message names it."""
 
 
 class RewardProcessDead(RuntimeError):
