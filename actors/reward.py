@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ddpo.config import RewardConfig
-from ddpo.trajectory import images_of
+from ddpo.trajectory import media_of
 from rewards import compute_reward, load_reward
 
 Scored = tuple[str, np.ndarray, dict[str, list]]  # (batch_id, rewards [B], info)
@@ -31,12 +31,12 @@ class RewardWorker:
         JSON Lines fields) with its batch id, seed and policy version."""
         terms = self.terms["heldout" if heldout else "trained"]
         table = pa.Table.from_batches(batches)
-        images, prompts = images_of(table), table.column("prompt").to_pylist()
+        media, prompts = media_of(table), table.column("prompt").to_pylist()
         rows = table.select(["batch_id", "seed", "policy_version"]).to_pylist()
         metadata = [{**(prompt_metadata or {}).get(prompt, {}), **row} for prompt, row in zip(prompts, rows)]
-        total, info = np.zeros(len(images), np.float32), {}
+        total, info = np.zeros(len(media), np.float32), {}
         for name, weight, fn in terms:
-            rewards, term_info = compute_reward(name, fn, images, prompts, metadata)
+            rewards, term_info = compute_reward(name, fn, media, prompts, metadata)
             total += weight * rewards  # r = sum_i w_i r_i
             if len(terms) == 1:
                 info = term_info

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from ddpo.config import Config, save_config
 from ddpo.errors import ConfigError
-from ddpo.trajectory import images_of, read_parquet, write_parquet
+from ddpo.trajectory import media_of, read_parquet, write_parquet
 
 # the rollout/train log-prob mismatch (max |ratio - 1|) above which a run warns: ten times the
 # design's 1e-4 log-prob contract
@@ -110,26 +110,28 @@ def _answer(table: pa.Table, row: int) -> str:
 
 def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None,
                 cols: int = 4) -> Image.Image:
-    """A grid of the first images, `cols` a row, each captioned with its prompt, its reward
-    (when the table has a `reward` column) and the reward's answer when it gives one."""
+    """A grid of the first samples, `cols` a row, each captioned with its prompt, its reward
+    (when the table has a `reward` column) and the reward's answer when it gives one. A video
+    shows as its first, middle and last frames side by side (`Media.stills`)."""
     table = table.slice(0, max_images)
-    images = images_of(table)
+    stills = media_of(table).stills()
     prompts = table.column("prompt").to_pylist()
     rewards = table.column("reward").to_pylist() if "reward" in table.column_names else [None] * len(prompts)
-    cell, caption, top = max(128, images.shape[1]), 36, 16 if title else 0
-    cols = min(cols, len(images))
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * cell, top + rows * (cell + caption)), "white")
+    height, caption, top = max(128, stills.shape[1]), 36, 16 if title else 0
+    width = round(height * stills.shape[2] / stills.shape[1])
+    cols = min(cols, len(stills))
+    rows = math.ceil(len(stills) / cols)
+    grid = Image.new("RGB", (cols * width, top + rows * (height + caption)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((4, 2), title, fill="black")
-    for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards)):
-        x, y = (i % cols) * cell, top + (i // cols) * (cell + caption)
-        grid.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + cell + 1), prompt[:24], fill="black")
+    for i, (still, prompt, reward) in enumerate(zip(stills, prompts, rewards)):
+        x, y = (i % cols) * width, top + (i // cols) * (height + caption)
+        grid.paste(Image.fromarray(still).resize((width, height), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + height + 1), prompt[:24], fill="black")
         if reward is not None:
-            draw.text((x + 2, y + cell + 12), f"r={reward:.3f}", fill="black")
-        draw.text((x + 2, y + cell + 23), _answer(table, i)[:24], fill="darkblue")
+            draw.text((x + 2, y + height + 12), f"r={reward:.3f}", fill="black")
+        draw.text((x + 2, y + height + 23), _answer(table, i)[:24], fill="darkblue")
     return grid
 
 

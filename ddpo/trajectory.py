@@ -2,12 +2,13 @@
 
 A sampler returns its batch as a `pyarrow.RecordBatch`; Ray moves it through the object store
 without copying, the learner turns it back into torch tensors, and the driver writes rows to
-Parquet (`trajectories/`). Images travel as PNG bytes, prompts as text.
+Parquet (`trajectories/`). The samples travel as their files' bytes (`ddpo.media`: PNG for
+an image, animated WebP for a video), prompts as text.
 """
 
 from __future__ import annotations
 
-import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +18,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+
+from ddpo.media import Media
 
 if TYPE_CHECKING:  # the reward actors read trajectories without importing diffusers
     from ddpo.diffusion import Trajectories
 
 LATENTS = "latents"
+MEDIA = "media"  # the samples' files; the field's metadata names the medium and a video's fps
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+def media_column(media: Media) -> tuple[pa.Field, pa.Array]:
+    """The samples as one binary column, with what `media_of` needs to read them back."""
+    kind = {"medium": media.medium, "fps": json.dumps(media.fps)}
+    return pa.field(MEDIA, pa.binary(), metadata=kind), pa.array(media.encode(), pa.binary())
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def media_of(table: pa.Table | pa.RecordBatch) -> Media:
+    """The decoded samples of a table with a media column (or the `image_png` column of run
+    directories written before media had one)."""
+    if MEDIA not in table.column_names:
+        return Media.decode(table.column("image_png").to_pylist())
+    kind = table.schema.field(MEDIA).metadata or {}
+    return Media.decode(table.column(MEDIA).to_pylist(), kind.get(b"medium", b"image").decode(),
+                        json.loads(kind.get(b"fps", b"null")))
 
 
 def _tensor_column(array: np.ndarray) -> pa.ExtensionArray:
@@ -54,18 +63,18 @@ def to_record_batch(trajectories: Trajectories, batch_id: str, policy_version: i
         latents = latents.float()
     log_probs = ({} if trajectories.log_probs is None
                  else {"log_probs": _tensor_column(trajectories.log_probs.numpy().astype(np.float32))})
-    return pa.record_batch(
-        {
-            "batch_id": pa.array([batch_id] * n, pa.string()),
-            "prompt": pa.array(trajectories.prompts, pa.string()),
-            "seed": pa.array(trajectories.seeds, pa.int64()),
-            "policy_version": pa.array([policy_version] * n, pa.int64()),
-            "timesteps": _tensor_column(trajectories.timesteps.numpy()),
-            **log_probs,
-            LATENTS: _tensor_column(latents.numpy()),
-            "image_png": pa.array([encode_png(img) for img in trajectories.images], pa.binary()),
-        }
-    )
+    columns = {
+        "batch_id": pa.array([batch_id] * n, pa.string()),
+        "prompt": pa.array(trajectories.prompts, pa.string()),
+        "seed": pa.array(trajectories.seeds, pa.int64()),
+        "policy_version": pa.array([policy_version] * n, pa.int64()),
+        "timesteps": _tensor_column(trajectories.timesteps.numpy()),
+        **log_probs,
+        LATENTS: _tensor_column(latents.numpy()),
+    }
+    media_field, media = media_column(Media.from_images(trajectories.images))
+    fields = [pa.field(name, column.type) for name, column in columns.items()]
+    return pa.RecordBatch.from_arrays([*columns.values(), media], schema=pa.schema([*fields, media_field]))
 
 
 @dataclass
@@ -120,11 +129,6 @@ def to_training_batch(table: pa.Table | pa.RecordBatch) -> TrainingBatch:
                    if "log_probs" in table.column_names else None),
         timesteps=torch.from_numpy(_to_numpy(table.column("timesteps")).copy()),
     )
-
-
-def images_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """The decoded uint8 images [B, H, W, 3]."""
-    return np.stack([decode_png(data) for data in table.column("image_png").to_pylist()])
 
 
 def write_parquet(table: pa.Table | pa.RecordBatch, path: str | Path) -> None:

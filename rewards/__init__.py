@@ -3,8 +3,10 @@
 A reward is `fn(images, prompts, metadata) -> (rewards, info)`: images uint8 [B, H, W, 3],
 prompts a list of B strings, metadata a list of B dicts (batch_id, seed, policy_version, and the
 prompt's own fields from a JSON Lines prompts file); rewards a float array [B], info a dict
-of per-image extras (lists of length B; an `answer` entry, such as a VLM's answer, is shown
-under each image in the sample grids).
+of per-sample extras (lists of length B; an `answer` entry, such as a VLM's answer, is shown
+under each sample in the sample grids). A reward of videos says so with an attribute
+`medium = "video"` on the function or class, and gets frames uint8 [B, F, H, W, 3] instead
+(`ddpo.media.Media`): a reward scores the medium it declares, and no other.
 
 A reward is named in the config by a registered name (below) or a `module:attr` path, with
 keyword arguments `reward.params`:
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ddpo.errors import RewardError
+from ddpo.media import Media
 
 RewardFn = Callable[[np.ndarray, list[str], list[dict[str, Any]]], tuple[np.ndarray, dict[str, list]]]
 
@@ -93,23 +96,33 @@ def load_reward(name: str, params: dict[str, Any] | None = None) -> RewardFn:
     return functools.partial(fn, **params) if params else fn
 
 
-def compute_reward(name: str, fn: RewardFn, images: np.ndarray, prompts: list[str],
+def reward_medium(fn: RewardFn) -> str:
+    """The medium a reward scores: its `medium` attribute (a function's, a class's), else image."""
+    return getattr(getattr(fn, "func", fn), "medium", "image")  # `func`: a functools.partial's
+
+
+def compute_reward(name: str, fn: RewardFn, media: Media, prompts: list[str],
                    metadata: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, list]]:
-    """Call a reward and check what it returns: never a silent zero for a broken reward."""
+    """Call a reward on the samples' images or frames, as it declares, and check what it returns:
+    never a silent zero for a broken reward."""
+    medium = reward_medium(fn)
+    if medium != media.medium:
+        raise RewardError(f"reward '{name}' scores {medium}s, and the model makes {media.medium}s: "
+                          f"choose a reward of {media.medium}s")
     try:
-        rewards, info = fn(images, prompts, metadata)
+        rewards, info = fn(media.images if medium == "image" else media.frames, prompts, metadata)
     except (RewardError, RewardProcessDead):  # already named; a dead process restarts its actor
         raise
     except Exception as err:
         raise RewardError(f"reward '{name}' raised {type(err).__name__}: {err}") from err
     rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
-    if rewards.shape[0] != len(images):
-        raise RewardError(f"reward '{name}' returned {rewards.shape[0]} rewards for {len(images)} images")
+    if rewards.shape[0] != len(media):
+        raise RewardError(f"reward '{name}' returned {rewards.shape[0]} rewards for {len(media)} samples")
     if not np.all(np.isfinite(rewards)):
         raise RewardError(f"reward '{name}' returned NaN or infinite rewards")
     info = dict(info or {})
     for key, values in info.items():
-        if len(values) != len(images):
+        if len(values) != len(media):
             raise RewardError(f"reward '{name}' returned info '{key}' of length {len(values)} "
-                              f"for {len(images)} images")
+                              f"for {len(media)} samples")
     return rewards, info

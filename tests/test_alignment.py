@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpo.media import Media
 from rewards import RewardError, RewardProcessDead, compute_reward, load_reward
 from rewards.alignment import PromptAlignment, parse_answer
 from rewards.bertscore import BERTScorer
@@ -152,7 +153,7 @@ def test_one_line_errors(llava_path, bert_path, monkeypatch):
 
 def test_transformers_backend_end_to_end(alignment):
     images = _images()
-    rewards, info = compute_reward("prompt_alignment", alignment, images, PROMPTS, [{}] * 3)
+    rewards, info = compute_reward("prompt_alignment", alignment, Media.from_images(images), PROMPTS, [{}] * 3)
     references = [f"The image contains {prompt}" for prompt in PROMPTS]
     tokens = max(len(alignment.scorer.tokenizer(reference)["input_ids"]) for reference in references)
     # a float32 cosine of unit vectors is at most ‖x̂‖‖ŷ‖ <= 1 + (d + 4)·u, plus d·u for the dot;
@@ -165,7 +166,7 @@ def test_transformers_backend_end_to_end(alignment):
     # the same scorer on the same texts in the same batches, so the same float32 numbers
     np.testing.assert_array_equal(rewards, alignment.scorer.score(info["answer"], references)[1])
     # greedy, so the same images give the same answers and rewards, alone or in a batch
-    again, info_again = compute_reward("prompt_alignment", alignment, images, PROMPTS, [{}] * 3)
+    again, info_again = compute_reward("prompt_alignment", alignment, Media.from_images(images), PROMPTS, [{}] * 3)
     np.testing.assert_array_equal(rewards, again)
     assert info_again["answer"] == info["answer"]
     assert alignment(images[2:], PROMPTS[2:], [{}])[1]["answer"] == info["answer"][2:]
@@ -184,7 +185,7 @@ def test_vllm_backend_end_to_end_and_engine_death(alignment, llava_path, bert_pa
         reward = PromptAlignment(**_params(llava_path, bert_path, backend="vllm", dtype="float32",
                                            max_model_len=128, vllm_engine_args=engine_args))
     images = _images()
-    rewards, info = compute_reward("prompt_alignment", reward, images, PROMPTS, [{}] * 3)
+    rewards, info = compute_reward("prompt_alignment", reward, Media.from_images(images), PROMPTS, [{}] * 3)
     expected, expected_info = alignment(images, PROMPTS, [{}] * 3)  # the transformers backend
     assert info["answer"] == expected_info["answer"]
     references = [f"The image contains {prompt}" for prompt in PROMPTS]

@@ -14,6 +14,7 @@ from ddpo.diffusion import sample_trajectories
 from ddpo.pipeline import (
     BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, ModelLoadError, check_pretrained, load_pipeline,
 )
+from ddpo.media import Media
 from rewards import RewardError, compute_reward, load_reward
 from rewards.digits import (
     DIGIT_WORDS, JUDGE_2_DIR, JUDGE_DIR, DigitJudge, DigitJudge2, DigitNeighbours, judge_input, load_heldout,
@@ -129,12 +130,12 @@ def test_the_judge_rewards_the_prompted_digit(heldout):
     judge = load_reward("digit_judge")
     for size in (16, 40):  # any image size
         images = render_digits(np.stack([seven, seven]), size)
-        rewards, info = compute_reward("digit_judge", judge, images,
+        rewards, info = compute_reward("digit_judge", judge, Media.from_images(images),
                                        ["the number 7 written by hand", "a handwritten digit two"], [{}, {}])
         assert rewards[0] > 0.9 and rewards[1] < 0.05
         assert info == {"answer": ["7", "7"], "correct": [1.0, 0.0]}
     with pytest.raises(RewardError) as error:
-        compute_reward("digit_judge", judge, images[:1], ["a cat"], [{}])
+        compute_reward("digit_judge", judge, Media.from_images(images[:1]), ["a cat"], [{}])
     assert str(error.value) == "reward 'digit_judge': the prompt 'a cat' names no digit (zero..nine or 0..9)"
 
 
@@ -181,7 +182,7 @@ def test_the_second_judge_rewards_its_softmax_over_class_distances_at_the_prompt
     images = np.concatenate([render_digits(test_x[:8], 16), blob])
     prompted = [int(d) if i % 2 else (int(d) + 3) % 10 for i, d in enumerate(test_y[:8])] + [4]  # right, wrong
     prompts = [f"a handwritten digit {DIGIT_WORDS[d]}" for d in prompted]
-    rewards, info = compute_reward("digit_judge_2", reward, images, prompts, [{}] * len(prompts))
+    rewards, info = compute_reward("digit_judge_2", reward, Media.from_images(images), prompts, [{}] * len(prompts))
 
     shipped = {k: v.astype(np.float64) for k, v in load_file(str(JUDGE_2_DIR / "model.safetensors")).items()}
     ink = 1.0 - images.astype(np.float64).mean(axis=-1) / 255.0
@@ -200,7 +201,7 @@ def test_the_second_judge_rewards_its_softmax_over_class_distances_at_the_prompt
     assert info["answer"][-1] == "none" and rewards[-1] < 0.05  # the bar: a four to the CNN?
     assert rewards[1:8:2].mean() > 0.8 and rewards[0:8:2].mean() < 0.1  # the true digits, then others
     with pytest.raises(RewardError) as error:
-        compute_reward("digit_judge_2", reward, images[:1], ["a cat"], [{}])
+        compute_reward("digit_judge_2", reward, Media.from_images(images[:1]), ["a cat"], [{}])
     assert str(error.value) == "reward 'digit_judge_2': the prompt 'a cat' names no digit (zero..nine or 0..9)"
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ddpo.config import load_config
+from ddpo.media import Media
 from rewards import RewardError, check_reward, compute_reward, load_reward
 from rewards.geneval import Check, GenEval, geneval_checks, objects, plural
 from tests.float_error import U32, U64
@@ -101,7 +102,7 @@ def test_reward_is_the_product_of_the_checks_probabilities(geneval, monkeypatch)
              "Is the dog right of the teddy bear?": given(0.4)}
     monkeypatch.setattr(geneval.judge, "backend", GivenLogProbs(table))
     metadata = [{**CALL, **counting}, {**CALL, **position}, {**CALL, **counting}]
-    rewards, info = compute_reward("geneval", geneval, images(), ["two clocks", "dog right of bear", "two clocks"],
+    rewards, info = compute_reward("geneval", geneval, Media.from_images(images()), ["two clocks", "dog right of bear", "two clocks"],
                                    metadata)
     # float64 throughout: each p within a few u64 of its value (log and exp), products of <= 3 terms
     expected = np.array([0.9 * 0.7, 0.8 * 0.6 * 0.4, 0.9 * 0.7])

@@ -11,14 +11,15 @@ import pytest
 from actors.reward import RewardWorker
 from ddpo.config import ConfigError, RewardConfig, RewardTerm, load_config
 from ddpo.guard import Evaluation, HackingGuard
-from ddpo.trajectory import encode_png
+from ddpo.media import Media
+from ddpo.trajectory import media_column
 
 
 def batch(batch_id, images, prompts=None):
     prompts = prompts or ["p"] * len(images)
     return pa.RecordBatch.from_pydict({
         "batch_id": [batch_id] * len(images), "prompt": prompts, "seed": list(range(len(images))),
-        "policy_version": [0] * len(images), "image_png": [encode_png(image) for image in images]})
+        "policy_version": [0] * len(images)}).append_column(*media_column(Media.from_images(images)))
 
 
 def _run(guard, series):

@@ -20,6 +20,7 @@ from cluster.run_dir import make_run_dir
 from cluster.workflow import LORA_FILE, sample_seed
 from ddpo.config import Config, load_config
 from ddpo.diffusion import sample_trajectories
+from ddpo.media import Media
 from ddpo.pipeline import BUILTIN_FOLDERS
 from ddpo.plan import sde_steps
 
@@ -129,7 +130,7 @@ def test_eval_scores_the_checkpoint_with_the_runs_reward_on_ray(run, ray_session
     # the figures are the judge's on the images `ddpo sample` draws
     main(["sample", str(run_dir), "--num-per-prompt", str(NUM)])
     images = _pngs(run_dir / "samples_epoch_0001")
-    rewards, _ = compute_reward("digit_judge", load_reward("digit_judge"), images,
+    rewards, _ = compute_reward("digit_judge", load_reward("digit_judge"), Media.from_images(images),
                                 [p for p in PROMPTS for _ in range(NUM)], [{}] * len(images))
     rewards = np.asarray(rewards, dtype=np.float64)
     assert report["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-6)

@@ -16,6 +16,7 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
+from ddpo.media import Media
 from rewards import RewardError, check_reward, compute_reward, load_reward, resolve_reward
 from rewards.ocr import OCRReward, edit_distance, ocr_score, target_text
 
@@ -178,7 +179,7 @@ def test_reward_is_the_formula_on_the_models_greedy_decode(tiny):
 
     for batch_size in (4, 1):  # a batch of 4 and one of 2; one image at a time
         reward = load_reward("ocr", _params(folder, batch_size=batch_size))
-        rewards, info = compute_reward("ocr", reward, images, prompts, metadata)
+        rewards, info = compute_reward("ocr", reward, Media.from_images(images), prompts, metadata)
         assert rewards.dtype == np.float32
         assert rewards.tolist() == np.array(expected, dtype=np.float32).tolist()
         assert info["answer"] == list(reads)
@@ -227,7 +228,7 @@ def test_errors_are_one_line_and_name_the_param_or_prompt(tiny, tmp_path):
         (['a sign that says "OPEN"'], [{}], "reward 'ocr': 1 prompts and 1 metadata for 2 images"),
     ]:
         with pytest.raises(RewardError) as info:
-            compute_reward("ocr", reward, images, prompts, metadata)  # passed on as it is, named
+            compute_reward("ocr", reward, Media.from_images(images), prompts, metadata)  # passed on as it is, named
         assert str(info.value).startswith(message), str(info.value)
         assert "\n" not in str(info.value)
 

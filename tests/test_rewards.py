@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from ddpo.media import Media
 from rewards import RewardError, compute_reward, load_reward
 from rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from tests.float_error import U32
-
 
 
 def _flat_and_noise():
@@ -36,12 +36,12 @@ def _raising_reward(images, prompts, metadata):
 
 @pytest.mark.parametrize("fn, message", [
     (_nan_reward, "reward 'r' returned NaN or infinite rewards"),
-    (_short_reward, "reward 'r' returned 1 rewards for 2 images"),
+    (_short_reward, "reward 'r' returned 1 rewards for 2 samples"),
     (_raising_reward, "reward 'r' raised ValueError: model exploded"),
 ])
 def test_broken_rewards_are_named_errors(fn, message):
     with pytest.raises(RewardError) as info:
-        compute_reward("r", fn, _flat_and_noise(), ["a", "b"], [{}, {}])
+        compute_reward("r", fn, Media.from_images(_flat_and_noise()), ["a", "b"], [{}, {}])
     assert str(info.value) == message
 
 
@@ -87,7 +87,7 @@ def test_weighted_rewards_sum_and_keep_each_terms_extras():
 
     from actors.reward import RewardWorker
     from ddpo.config import load_config
-    from ddpo.trajectory import encode_png
+    from ddpo.trajectory import media_column
 
     config = load_config(None, ["reward.weighted=[{name: jpeg_compressibility, weight: 2.0}, "
                                 "{name: 'tests.test_rewards:CountingReward', weight: 0.5, params: {offset: 1.0}}]"])
@@ -97,7 +97,7 @@ def test_weighted_rewards_sum_and_keep_each_terms_extras():
     def batch(batch_id, rows):
         return pa.RecordBatch.from_pydict({
             "batch_id": [batch_id] * len(rows), "prompt": ["p"] * len(rows), "seed": list(range(len(rows))),
-            "policy_version": [0] * len(rows), "image_png": [encode_png(image) for image in rows]})
+            "policy_version": [0] * len(rows)}).append_column(*media_column(Media.from_images(rows)))
 
     (id0, r0, info0), (id1, r1, info1) = worker.score(batch("a", images[:1]), batch("b", images[1:]))
     sizes = jpeg_compressibility(images, ["p", "p"], [{}, {}])[0]

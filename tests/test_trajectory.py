@@ -5,7 +5,7 @@ import pyarrow as pa
 import torch
 
 from ddpo.diffusion import Trajectories
-from ddpo.trajectory import images_of, read_parquet, to_record_batch, to_training_batch, write_parquet
+from ddpo.trajectory import media_of, read_parquet, to_record_batch, to_training_batch, write_parquet
 
 
 def _trajectories(dtype=torch.float16):
@@ -42,4 +42,4 @@ def test_parquet_round_trip_is_exact(tmp_path):
     assert torch.equal(batch.timesteps, traj.timesteps)
     assert batch.policy_versions.tolist() == [5, 5]
     assert table.column("seed").to_pylist() == [11, 12]
-    np.testing.assert_array_equal(images_of(table), traj.images)
+    np.testing.assert_array_equal(media_of(table).images, traj.images)

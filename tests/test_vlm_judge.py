@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ddpo.media import Media
 from rewards import RewardError, check_reward, compute_reward, load_reward
 from rewards.alignment import top_log_probs
 from rewards.vlm_judge import VLMJudge, answer_text, format_question, yes_no_probabilities
@@ -291,7 +292,7 @@ def test_registered_and_end_to_end(yes_no_llava_path, by_hand):
     params = judge_params(yes_no_llava_path, batch_size=2)
     check_reward("vlm_judge", params)
     reward = load_reward("vlm_judge", params)
-    rewards, info = compute_reward("vlm_judge", reward, images(), PROMPTS, METADATA)
+    rewards, info = compute_reward("vlm_judge", reward, Media.from_images(images()), PROMPTS, METADATA)
     assert set(info) == {"answer", "p_yes"} and np.array_equal(rewards, np.array(info["p_yes"], dtype=np.float32))
     for answer, p in zip(info["answer"], info["p_yes"]):
         assert answer == (f"yes {p:.2f}" if p >= 0.5 else f"no {1 - p:.2f}")
