@@ -246,13 +246,11 @@ def bert_path(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def llava_path(tmp_path_factory):
-    """A tiny random LLaVA: CLIP vision tower on 32x32 images (16 patches), Llama text model with
-    head_dim 64 (vLLM's CPU attention needs at least 64), a WordLevel tokenizer with `<image>`."""
-    path = tmp_path_factory.mktemp("tiny_llava")
+def save_tiny_llava(path: Path, words: list[str]) -> str:
+    """A tiny random LLaVA saved to `path`: CLIP vision tower on 32x32 images (16 patches), Llama text
+    model with head_dim 64 (vLLM's CPU attention needs at least 64), a WordLevel tokenizer over
+    `words` (split at spaces) with `<image>`."""
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    words = list(dict.fromkeys(WORDS + [w.capitalize() for w in WORDS] + ["USER", "ASSISTANT"]))
     tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece()  # words joined by spaces
@@ -274,6 +272,13 @@ def llava_path(tmp_path_factory):
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def llava_path(tmp_path_factory):
+    """The tiny LLaVA over WORDS, capitalised too."""
+    words = list(dict.fromkeys(WORDS + [w.capitalize() for w in WORDS] + ["USER", "ASSISTANT"]))
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), words)
 
 
 

@@ -1,4 +1,4 @@
-"""The README's reward examples run as written."""
+"""The reward examples of docs/rewards.md (once the README's) run as written."""
 
 import re
 import sys
@@ -8,13 +8,14 @@ import numpy as np
 import yaml
 
 from ddpo.config import load_config
+from ddpo.media import Media
 from rewards import compute_reward, load_reward
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+DOC = (Path(__file__).resolve().parent.parent / "docs" / "rewards.md").read_text()
 
 
 def _block(language: str, first_line: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README, re.S)
+    blocks = re.findall(rf"```{language}\n(.*?)```", DOC, re.S)
     (block,) = [b for b in blocks if b.startswith(first_line)]
     return block
 
@@ -29,7 +30,7 @@ def test_the_user_reward_example_runs(tmp_path, monkeypatch):
         overrides = [s.strip("'") for s in re.findall(r"--set ('[^']*'|\S+)", command)]
         reward = load_config(None, overrides).reward
         fn = load_reward(reward.name, reward.params)
-        rewards, _ = compute_reward(reward.name, fn, images, ["a", "b"], [{}, {}])
+        rewards, _ = compute_reward(reward.name, fn, Media.from_images(images), ["a", "b"], [{}, {}])
         assert rewards.shape == (2,) and rewards[1] > rewards[0]  # the brighter / redder image
     sys.modules.pop("my_rewards", None)
 

@@ -15,23 +15,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ddpo.media import Media
 from rewards import RewardError, check_reward, compute_reward, load_reward
 from rewards.alignment import top_log_probs
 from rewards.vlm_judge import VLMJudge, answer_text, format_question, yes_no_probabilities
+from tests.conftest import save_tiny_llava
 from tests.float_error import U32, U64
 
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -50,33 +40,9 @@ def images(n=3):
 
 @pytest.fixture(scope="session")
 def yes_no_llava_path(tmp_path_factory):
-    """A tiny random LLaVA as tests/conftest.py's, its WordLevel vocabulary with Yes/yes/No/no (words
-    split at spaces, so " Yes" is "Yes"): CLIP vision tower on 32x32 images (16 patches), Llama text
-    model with head_dim 64."""
-    path = tmp_path_factory.mktemp("yes_no_llava")
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS + ["USER", "ASSISTANT"])},
-                                           unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", model_max_length=128,
-                                        extra_special_tokens={"image_token": "<image>"})
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
-    return str(path)
+    """conftest's tiny LLaVA, its vocabulary with Yes/yes/No/no (words split at spaces, so " Yes"
+    is "Yes")."""
+    return save_tiny_llava(tmp_path_factory.mktemp("yes_no_llava"), [*WORDS, "USER", "ASSISTANT"])
 
 
 def judge_params(path, **overrides):
