@@ -89,14 +89,16 @@ def weights_file(value: str, filename: str, param: str, filename_param: str) -> 
                           f"of that name ({_reason(err)})") from None
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, param: str) -> dict[str, torch.Tensor]:
+    """The weights in a .safetensors file or a torch checkpoint (the weights file of
+    `reward.params.<param>`); a one-line RewardError naming it when it cannot be read."""
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
         # weights_only: tensors and plain containers, never arbitrary pickled objects
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError) as err:
-        raise RewardError(f"reward.params.head: cannot read '{path}' as a state dict ({_reason(err)})") from None
+        raise RewardError(f"reward.params.{param}: cannot read '{path}' as a state dict ({_reason(err)})") from None
 
 
 class AestheticScore:
@@ -109,7 +111,7 @@ class AestheticScore:
                  head: str = "trl-lib/ddpo-aesthetic-predictor", head_filename: str = "aesthetic-model.pth",
                  device: str = "auto", dtype: str = "float32", batch_size: int = 32):
         self.device, self.dtype, self.batch_size = clip_settings(device, dtype, batch_size)
-        state = _load_state_dict(weights_file(head, head_filename, "head", "head_filename"))
+        state = read_state_dict(weights_file(head, head_filename, "head", "head_filename"), "head")
         _check_local_or_repo_id(clip_model, "clip_model")
         try:
             self.processor = AutoImageProcessor.from_pretrained(clip_model, backend="pil")

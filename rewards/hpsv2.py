@@ -26,7 +26,6 @@ repo holds the config, the tokenizer and the image processor)."""
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import cached_file
 
 from rewards import RewardError
-from rewards.aesthetic import _check_local_or_repo_id, _reason, clip_settings, weights_file
+from rewards.aesthetic import _check_local_or_repo_id, _reason, clip_settings, read_state_dict, weights_file
 from rewards.pickscore import LAION_CLIP_H, CLIPPreference
 
 PUBLISHED_REPO = "xswu/HPSv2"  # on the hub: HPS_v2_compressed.pt (v2.0) and HPS_v2.1_compressed.pt
@@ -98,11 +97,7 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
 def _load_open_clip(path: Path, processor: str) -> CLIPModel:
     """The open_clip state dict at `path` (as published: under the key "state_dict"), converted
     onto a CLIPModel built from `processor`'s config; every weight must be there, and no other."""
-    try:
-        # weights_only: tensors and plain containers, never arbitrary pickled objects
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-        raise RewardError(f"reward.params.checkpoint: cannot read '{path}' as a state dict ({_reason(err)})") from None
+    state = read_state_dict(path, "checkpoint")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
         raise RewardError(f"reward.params.checkpoint: '{path}' holds no state dict of tensors")

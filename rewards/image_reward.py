@@ -21,22 +21,21 @@ ImageReward/ImageReward.py):
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, BlipConfig, BlipTextModel, BlipVisionModel
 from transformers.initialization import no_init_weights
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.utils import cached_file
 
 from rewards import RewardError
-from rewards.aesthetic import AestheticMLP, _check_local_or_repo_id, _reason, clip_settings, weights_file
+from rewards.aesthetic import (AestheticMLP, _check_local_or_repo_id, _reason, clip_settings, read_state_dict,
+                               weights_file)
 
 PUBLISHED_REPO = "THUDM/ImageReward"  # on the hub: ImageReward.pt and med_config.json
 CHECKPOINT_FILENAME = "ImageReward.pt"
@@ -135,16 +134,6 @@ def _blip_config(name: str, key: str) -> BlipConfig:
     return BlipConfig.from_dict(config_dict)
 
 
-def _load_weights(path: Path, key: str) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        # weights_only: tensors and plain containers, never arbitrary pickled objects
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError) as err:
-        raise RewardError(f"reward.params.{key}: cannot read '{path}' as a state dict ({_reason(err)})") from None
-
-
 def _load_into(model: ImageRewardModel, state: dict[str, torch.Tensor], key: str, source: str) -> None:
     """All of the model's weights from `state`, none left at their random init."""
     missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
@@ -206,7 +195,7 @@ class ImageReward:
         with no_init_weights():  # every weight is loaded next (20 s of random init saved at full size)
             built = ImageRewardModel(config)
         weights = Path(_model_file(model, WEIGHTS_FILENAME, "model"))
-        _load_into(built, _load_weights(weights, "model"), "model", model)
+        _load_into(built, read_state_dict(weights, "model"), "model", model)
         return built
 
     @staticmethod
@@ -215,7 +204,7 @@ class ImageReward:
         blip_config = image_reward_config() if config is None else _blip_config(config, "config")
         with no_init_weights():  # every weight is loaded next
             built = ImageRewardModel(blip_config)
-        _load_into(built, convert_checkpoint(_load_weights(path, "checkpoint")), "checkpoint", str(path))
+        _load_into(built, convert_checkpoint(read_state_dict(path, "checkpoint")), "checkpoint", str(path))
         return built
 
     @staticmethod

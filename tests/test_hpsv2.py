@@ -2,18 +2,16 @@
 transformers folder (`model`), and as an open_clip state dict (`checkpoint`, converted on load onto
 the CLIP config in `processor`, as the published HPS_v2.1_compressed.pt is)."""
 
-import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPModel
 
 from rewards import RewardError, check_reward, load_reward
 from tests.float_error import U32
-from tests.test_pickscore import MAX_LENGTH, VOCAB, _score_error
+from tests.test_pickscore import MAX_LENGTH, _score_error, save_tiny_clip
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -21,27 +19,7 @@ def tiny(tmp_path_factory):
     LAION CLIP-H repo holds all three); the same weights as an open_clip state dict, as published
     (under "state_dict"), in `hps.pt`. Returns the folder and the model."""
     folder = tmp_path_factory.mktemp("hpsv2")
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<pad>", unk_token="<unk>", model_max_length=MAX_LENGTH,
-                            ).save_pretrained(folder / "processor")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder / "processor")
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=len(VOCAB), max_position_embeddings=MAX_LENGTH, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=math.log(100.0),
-    )
-    config.save_pretrained(folder / "processor")
-    torch.manual_seed(0)
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(folder / "model")
+    clip, _ = save_tiny_clip(folder, config_in_processor=True)
     torch.save({"epoch": 1, "state_dict": open_clip_state(clip)}, folder / "hps.pt")
     return folder, clip
 

@@ -49,11 +49,10 @@ def _score_error(clip, scores: np.ndarray) -> np.ndarray:
     return sigma * (unit_errors + d * U32) + 3 * U32 * np.abs(scores)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny CLIP (logit scale 100, as trained CLIPs have) in `model/`, its tokenizer and image
-    processor in `processor/` (PickScore_v1 ships neither); returns the folder, model, tokenizer."""
-    folder = tmp_path_factory.mktemp("pickscore")
+def save_tiny_clip(folder, config_in_processor: bool = False) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
+    """A tiny CLIP (logit scale 100, as trained CLIPs have) saved in `folder/model`, its tokenizer
+    and image processor in `folder/processor` (with its config too, `config_in_processor`, as the
+    LAION CLIP-H repo holds all three); returns the model and the tokenizer."""
     backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
@@ -72,10 +71,20 @@ def tiny(tmp_path_factory):
                            image_size=32, patch_size=8),
         projection_dim=16, logit_scale_init_value=math.log(100.0),
     )
+    if config_in_processor:
+        config.save_pretrained(folder / "processor")
     torch.manual_seed(0)
     clip = CLIPModel(config).eval()
     clip.save_pretrained(folder / "model")
-    return folder, clip, tokenizer
+    return clip, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny CLIP (PickScore_v1 ships no tokenizer or image processor: they are in
+    `processor/`); returns the folder, model, tokenizer."""
+    folder = tmp_path_factory.mktemp("pickscore")
+    return folder, *save_tiny_clip(folder)
 
 
 def _params(folder, **extra):
