@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ddpo.config import Config
-from ddpo.diffusion import sample_trajectories
+from ddpo.rollout import sample_trajectories
 from ddpo.families import ModelFamily
 from ddpo.lora import LoraState, get_lora_state, load_lora_state
 from ddpo.pipeline import load_policy

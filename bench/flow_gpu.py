@@ -105,7 +105,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E4
 from actors.usage import FlopMeter, peak_flops  # noqa: E402
 from actors.worker import ColocatedWorker  # noqa: E402
 from ddpo.config import Config, load_config  # noqa: E402
-from ddpo.diffusion import Trajectories, sample_trajectories, step_log_prob  # noqa: E402
+from ddpo.rollout import Trajectories, sample_trajectories, step_log_prob  # noqa: E402
 from ddpo.families import ModelFamily, PromptCache  # noqa: E402
 from ddpo.lora import get_lora_state, load_lora_state, reference_policy  # noqa: E402
 from ddpo.memory import plan_memory  # noqa: E402
@@ -199,7 +199,7 @@ def bench_config(args, size: Size, folder: str, output_dir: str, dtype: str | No
         "model.max_sequence_length": 128,
         "lora.rank": args.lora_rank, "lora.alpha": args.lora_alpha, "lora.target_modules": LORA_TARGETS,
         "sample.num_steps": args.steps, "sample.guidance_scale": args.guidance_scale,
-        "sample.noise_level": args.noise_level, "sample.height": size.resolution, "sample.width": size.resolution,
+        "sample.flow.noise_level": args.noise_level, "sample.height": size.resolution, "sample.width": size.resolution,
         "sample.batch_size": args.sample_batch, "sample.num_batches_per_epoch": args.batches,
         "sample.log_prob_reduction": "mean",
         "train.algorithm": "ddpo_is", "train.batch_size": train_batch or args.train_batch,

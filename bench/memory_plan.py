@@ -68,8 +68,8 @@ def _status(key: str) -> int:
 def _shapes(model, size: int):
     from ddpo.memory import Shapes, latent_channels, text_tokens, vae_scale_factor
 
-    scale = vae_scale_factor(model.vae)
-    return Shapes(latent_channels(model.vae), size // scale, size // scale, text_tokens(model, "", None))
+    scale = vae_scale_factor(model)
+    return Shapes(latent_channels(model), size // scale, size // scale, text_tokens(model, "", None))
 
 
 def planned(case: str) -> int:
@@ -80,11 +80,11 @@ def planned(case: str) -> int:
     model = meta_model(pretrained, None, "float32", LORA_RANK, float(LORA_RANK), LORA_TARGETS)
     shapes = _shapes(model, size)
     if step == "sampling":
-        return sampling_bytes(model.denoiser, batch, shapes)
+        return sampling_bytes(model.family, model.denoiser, batch, shapes)
     if step == "decode":
-        return decode_bytes(model.vae, batch, shapes)
+        return decode_bytes(model.family, model.vae, batch, shapes)
     lora_gradients = 4 * model.lora_params
-    return training_bytes(model.denoiser, batch, shapes, step == "training_checkpointed") + lora_gradients
+    return training_bytes(model.family, model.denoiser, batch, shapes, step == "training_checkpointed") + lora_gradients
 
 
 def _real_model(pretrained: str):
@@ -128,9 +128,9 @@ def measure(case: str) -> int:
 
     def inputs():
         if step == "decode":
-            return {"z": torch.randn(batch, latent_channels(vae), shapes.latent_height, shapes.latent_width)}
+            return {"z": torch.randn(batch, latent_channels(meta), shapes.latent_height, shapes.latent_width)}
         return tree_map(lambda t: torch.randn(t.shape).to(t.dtype) if isinstance(t, torch.Tensor) else t,
-                        _denoiser_inputs(denoiser, batch, shapes))
+                        _denoiser_inputs(meta.family, denoiser, batch, shapes))
 
     def run():
         kwargs = inputs()

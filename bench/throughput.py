@@ -32,6 +32,7 @@ from cluster.cli import embedded_config  # noqa: E402
 from cluster.driver import Driver  # noqa: E402
 from cluster.local import start_local_ray  # noqa: E402
 from cluster.inprocess import InProcessRun  # noqa: E402
+from cluster.loop import STAGES  # noqa: E402
 from cluster.run_dir import make_run_dir  # noqa: E402
 from ddpo.config import load_config  # noqa: E402
 from ddpo.plan import epoch_plan  # noqa: E402
@@ -105,8 +106,11 @@ def main() -> None:
         "e2e_samples_per_s_lag1": samples / lag1_s,
         "inprocess_samples_per_s": samples / inprocess_s,
         "ray_overhead_ratio": lag0_s / inprocess_s,
-        "broadcast_s_per_version": float(np.mean([m["time_broadcast_s"] for m in lag0])),
-        "broadcast_fraction_of_epoch": float(np.mean([m["time_broadcast_s"] / m["time_epoch_s"] for m in lag0])),
+        "sync_s_per_version": float(np.mean([m["time_sync_s"] for m in lag0])),
+        "sync_fraction_of_epoch": float(np.mean([m["time_sync_s"] / m["time_epoch_s"] for m in lag0])),
+        # each stage's mean seconds an epoch (cluster.loop), and the epoch's
+        "stage_s_lag0": {key.removeprefix("time_").removesuffix("_s"): float(np.mean([m[key] for m in lag0]))
+                         for key in [f"time_{stage}_s" for stage in STAGES] + ["time_epoch_s"]},
         "ray_init_s": ray_init_s,
         "wall_s": {"inprocess": inprocess_s, "ray_lag0": lag0_s, "ray_lag1": lag1_s},
         "config": {"epochs": config.num_epochs, "samples_per_epoch": config.samples_per_epoch,

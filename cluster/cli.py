@@ -53,7 +53,7 @@ from importlib import resources
 from pathlib import Path
 
 from cluster import QUIET_ENV
-from ddpo.errors import AddressError, ConfigError, UserError, one_line
+from ddpo.errors import AddressError, ConfigError, UserError
 
 DEFAULT_CONFIG = "digits.yaml"
 
@@ -326,7 +326,8 @@ def train(args) -> int:
     import ray
 
     from cluster.driver import ActorLost, Driver
-    from cluster.metrics import bottleneck_hint, busy_summary, usage_line
+    from cluster.metrics import bottleneck_hint, busy_summary, stages_line, usage_line
+    from cluster.remote import connect_ray
     from cluster.run_dir import make_run_dir, resume_checkpoint, start_tensorboard
 
     if args.resume is None:
@@ -336,30 +337,24 @@ def train(args) -> int:
         if checkpoint is None:
             raise ConfigError(f"--resume: '{run_dir}' has no checkpoint to resume from")
     stop = GracefulStop(run_dir, config.cluster.stop_grace_s, local_ray=address is None)
-    if address is None:  # local single-node mode: every socket on loopback (cluster/local.py)
-        from cluster.local import start_local_ray
-
-        # Ray's processes block SIGINT, so that a Ctrl-C in a terminal, which signals the whole
-        # foreground process group, reaches the driver alone. They inherit the signal mask of
-        # the thread that starts them: with SIGTERM and SIGHUP blocked too, a signal to the
-        # process group (`timeout`, systemd, a terminal closed) is the driver's alone to handle,
-        # while the run's Ray instance goes on to the checkpoint. That instance ends with the
-        # driver: Ray's fate sharing (SIGKILL), or ray.shutdown (SIGKILL after a second's grace)
-        held = {signal.SIGTERM, signal.SIGHUP} if threading.current_thread() is threading.main_thread() else set()
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
-            # Ray's own INFO lines left out: the dashboard's URL is printed below
-            context = start_local_ray(namespace="ddpo", include_dashboard=True, logging_level=logging.WARNING)
-            stop.install()  # before the signals held meanwhile arrive
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-    else:
-        try:
-            # a namespace of the run's own: runs on one cluster name their actors alike (worker-0, ...)
-            context = ray.init(address=address, namespace=f"ddpo-{run_dir.name}")
-        except ConnectionError as err:  # its port answered, but no Ray cluster there did
-            raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({one_line(err)})") from None
-        stop.install()
+    # with no address, a local single-node instance: every socket on loopback (cluster/local.py).
+    # Ray's processes block SIGINT, so that a Ctrl-C in a terminal, which signals the whole
+    # foreground process group, reaches the driver alone. They inherit the signal mask of the
+    # thread that starts them: with SIGTERM and SIGHUP blocked too, a signal to the process group
+    # (`timeout`, systemd, a terminal closed) is the driver's alone to handle, while the run's Ray
+    # instance goes on to the checkpoint. That instance ends with the driver: Ray's fate sharing
+    # (SIGKILL), or ray.shutdown (SIGKILL after a second's grace)
+    held = ({signal.SIGTERM, signal.SIGHUP} if address is None and threading.current_thread() is threading.main_thread()
+            else set())
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        # a namespace of the run's own: runs on one cluster name their actors alike (worker-0, ...);
+        # Ray's own INFO lines left out: the dashboard's URL is printed below
+        context = connect_ray(address, source, namespace=f"ddpo-{run_dir.name}", dashboard=True,
+                              logging_level=logging.WARNING)
+        stop.install()  # after ray.init's own handlers, before the signals held meanwhile arrive
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     dashboard = context.dashboard_url
     token = " (token: run `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     print(f"run directory: {run_dir.resolve()}")
@@ -402,6 +397,7 @@ def train(args) -> int:
         busy = busy_summary(history)
         print(f"busy: samplers {busy['sampler']:.0%}, learners {busy['learner']:.0%}, "
               f"reward actors {busy['reward']:.0%}")
+        print(stages_line(history))
         print(usage_line(history))
         hint = bottleneck_hint(busy, driver.config.cluster.layout, driver.config.cluster.max_policy_lag)
         if hint:
@@ -496,18 +492,18 @@ def sample(args) -> int:
                         batch_size=args.batch_size)
     source = (f"checkpoint {result.checkpoint.name}, {result.epochs} epochs trained" if result.checkpoint
               else "the base model, no LoRA")
-    print(f"{len(result.images)} images ({source}): {result.out}; grid: {result.grid}")
+    print(f"{len(result.samples)} samples ({source}): {result.out}; grid: {result.grid}")
     return 0
 
 
 def evaluate(args) -> int:
     _check_seed(args.seed)
-    address, _ = ray_address(args.address)  # before the images are sampled
+    address, source = ray_address(args.address)  # before the images are sampled
     from cluster.workflow import eval_run
 
     result = eval_run(args.run_dir, checkpoint=args.checkpoint, base=args.base, num_per_prompt=args.num_per_prompt,
                       seed=args.seed, out=args.out, overrides=args.set, batch_size=args.batch_size,
-                      address=address)
+                      address=address, address_source=source)
     report = result.report
     source = (f"checkpoint {report['checkpoint']} ({report['epochs_trained']} epochs trained)"
               if result.checkpoint else "the base model (no LoRA)")
@@ -551,6 +547,7 @@ def serve_rewards(args) -> int:
         configured = config.cluster.address
     import ray
 
+    from cluster.remote import connect_ray
     from cluster.reward_service import DEFAULT_NAME, start_service, stop_service
 
     started = not ray.is_initialized()  # connected already: a caller in this process (tests)
@@ -564,10 +561,7 @@ def serve_rewards(args) -> int:
         else:  # a service serves the runs of a cluster: never a local instance of its own
             address, source = "auto", "--address (default auto: a service runs on a cluster)"
         ray_address(address, source)
-        try:
-            ray.init(address=address, namespace="ddpo", log_to_driver=False, logging_level=logging.WARNING)
-        except ConnectionError as err:  # its port answered, but no Ray cluster there did
-            raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({one_line(err)})") from None
+        connect_ray(address, source, namespace="ddpo", log_to_driver=False, logging_level=logging.WARNING)
     try:
         if args.stop is not None:
             count = stop_service(args.stop)

@@ -1,24 +1,25 @@
-"""The DDPO driver on Ray: sample -> reward -> train -> broadcast, one epoch at a time.
+"""The DDPO driver on Ray: the stages of `cluster.loop` (sample -> reward -> train -> sync ->
+checkpoint -> record), done by actors.
 
     samplers (sampler-<i>) --Arrow trajectories--> reward pool (reward-<j>) --rewards--> learners
         ^                                                                    (learner-<r>, one group)
         +-------------------- one ObjectRef per LoRA version (policy_version) -------------+
 
-With `cluster.max_policy_lag = k`, sampling runs up to k epochs ahead of the learner, with the
-newest weights the learner has put; batches more than k versions old are dropped and counted.
-k = 0 is the paper's synchronous algorithm.
+The reward pool scores each sample batch as soon as it is made: the sample stage waits for the
+last batch, the reward stage for what is left to score then. With `cluster.max_policy_lag = k`,
+sampling runs up to k epochs ahead of the learner, with the newest weights the learner has put;
+batches more than k versions old are dropped and counted. k = 0 is the paper's synchronous
+algorithm.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,14 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from cluster import ACTOR_ENV
+from cluster.loop import EpochLoop, StageTimer, with_scores
 from cluster.metrics import ROLES, DriverMetrics, install_grafana_dashboard
 from cluster.placement import Placement, resolve_layout
-from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
+from cluster.remote import RewardActor, start_actor
 from cluster.remote_policy import LearnerActor, SamplerActor, WorkerActor
 from cluster.reward_pool import RewardPool
 from cluster.reward_service import connect_service
-from cluster.run_dir import (RunRecorder, eval_metrics, is_checkpoint_epoch, latest_checkpoint, read_metrics,
-                             resume_checkpoint, with_rewards)
+from cluster.run_dir import RunRecorder, latest_checkpoint, read_metrics
 from ddpo.config import Config
 from ddpo.errors import RunError
 from ddpo.guard import Evaluation, HackingGuard
@@ -53,30 +53,23 @@ class ActorLost(RunError):
     the learner group's restarts)."""
 
 
-class RolledBack(Exception):
-    """The reward-hacking guard rolled the learners back to the best held-out checkpoint: the
-    run goes on from `epoch`."""
-
-    def __init__(self, epoch: int):
-        super().__init__(epoch)
-        self.epoch = epoch
-
-
-# the reward-hacking guard's rollbacks in a run: each halves the learning rate; after the last,
-# the next time the guard fires it stops the run
-MAX_ROLLBACKS = 3
-
-
-class WriteFailed(RunError):
-    """Writing the run directory failed mid-run (a full disk, say): the run stopped, and the
-    checkpoints written before stay whole."""
-
-
 @dataclass
 class SampleTask:
     spec: SampleBatchSpec
     trajectory_ref: ray.ObjectRef  # the full trajectories (with latents), for the learner
     summary_ref: ray.ObjectRef  # the same rows without latents, for rewards and the run dir
+
+
+@dataclass
+class EpochBatches:
+    """An epoch's sample batches, from the sample stage on: their tasks, their rewards as they
+    come from the pool (`scored`, by batch id), and once all are made their summaries and which
+    are fresh enough to train on (`ddpo.plan.fresh_batches`)."""
+    tasks: list[SampleTask]
+    progress: tqdm  # images scored
+    scored: dict[str, tuple[np.ndarray, dict]] = field(default_factory=dict)
+    summaries: list[pa.RecordBatch] = field(default_factory=list)
+    fresh: list[int] = field(default_factory=list)
 
 
 def get_all(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> list:
@@ -102,7 +95,7 @@ def get_all(refs: list[ray.ObjectRef], grace_s: float = 10.0) -> list:
     return ray.get(list(refs))
 
 
-class Driver:
+class Driver(EpochLoop):
     def __init__(self, config: Config, run_dir: Path, stop_requested: threading.Event | None = None):
         # with `reward.service`, the run scores on that service's actors and starts none of its own
         self.reward_service = connect_service(config.reward) if config.reward.service is not None else None
@@ -110,20 +103,14 @@ class Driver:
         if self.reward_service is not None:
             cluster_resources = self.reward_service.resources_left(cluster_resources)
         config = resolve_layout(config, cluster_resources)
-        self.config = config
-        self.run_dir = run_dir
+        self.placement = Placement(config)
+        super().__init__(config, run_dir, RunRecorder(run_dir, self.placement.devices.num_devices), stop_requested)
         self.prompts = config.load_prompts()
         self.prompt_metadata = config.load_prompt_metadata()
         c = config.cluster
-        self.placement = Placement(config)
-        self.policy_version = 0
-        self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by broadcast()
+        self.weights: tuple[int, list[ray.ObjectRef]] | None = None  # set by sync()
         self.metrics = DriverMetrics()
         self.grafana_dashboard = self._install_grafana_dashboard()
-        self.recorder = RunRecorder(run_dir, self.placement.devices.num_devices)
-        # set by a stop signal (`ddpo train`: Ctrl-C, SIGTERM, SIGHUP): fit() returns at the next
-        # safe point (see fit), and the caller writes the checkpoint
-        self.stop_requested = stop_requested or threading.Event()
         # the learner group's ranks (`learner-<r>`, or `worker-<r>` where rank r also samples); the
         # samplers by index: a worker, or a `sampler-<i>` of its own (`plain_samplers`)
         self.learners, self.learner_names, self.samplers, self.reward_actors = [], [], [], []
@@ -146,14 +133,6 @@ class Driver:
         self.learner_restarts = 0  # the learner group's, by `recover_learners`
         self.in_flight: deque[list[SampleTask]] = deque()  # sampling submitted, an epoch per entry
         self.next_epoch = 0  # the first epoch whose sampling is not submitted yet
-        self.epoch_start = time.perf_counter()
-        self.last_checkpoint_at = time.monotonic()  # for `checkpoint_every_s`
-        self.completed = False  # fit() trained the last epoch
-        r = config.reward
-        self.guard = HackingGuard(r.heldout_tolerance, r.heldout_patience) if r.heldout else None
-        self.guard_stop: str | None = None  # the guard stopped the run: its line
-        self.rollbacks = 0
-        self.last_eval: tuple[int, pa.Table] | None = None  # (policy_version, the eval batch scored)
 
     @staticmethod
     def _install_grafana_dashboard() -> Path | None:
@@ -169,10 +148,8 @@ class Driver:
 
     def _start(self, cls, name: str, *args, restartable: bool = False):
         """The actor `name` of class `cls`, in its bundle, with its torch threads."""
-        options = {**self.placement.options(name), "runtime_env": {"env_vars": ACTOR_ENV},
-                   **restart_options(self.config.cluster.max_restarts if restartable else 0)}
-        return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(**options).remote(
-            *args, self.placement.threads[name])
+        return start_actor(cls, *args, options=self.placement.options(name), num_threads=self.placement.threads[name],
+                           max_restarts=self.config.cluster.max_restarts if restartable else 0)
 
     def _reward_pool(self) -> RewardPool:
         reward = self.config.reward
@@ -244,19 +221,101 @@ class Driver:
             what = f"the learner group had its {n} restart{'s' if n > 1 else ''} (cluster.learner_max_restarts)"
         return f"the actor '{name}' died and {what}; {self.resume_hint()}"
 
-    def resume_hint(self) -> str:
-        """Where the run can go on from."""
-        checkpoint = resume_checkpoint(self.run_dir)
-        return (f"go on from {checkpoint} with: ddpo train --resume {self.run_dir}" if checkpoint
-                else "no checkpoint was written yet (see checkpoint_every)")
+    # -- the stages (cluster.loop) ------------------------------------------------------------
 
-    def write_failed(self, what: str, err: OSError) -> WriteFailed:
-        """One line for a failed write of the run directory: `what` failed with `err`."""
-        return WriteFailed(f"writing {what} failed ({err}); the run stopped; {self.resume_hint()}")
+    def submit_sampling(self, epoch: int) -> list[SampleTask]:
+        tasks = []
+        for i, spec in enumerate(epoch_plan(self.config, self.prompts, epoch)):
+            sampler = self.samplers[i % len(self.samplers)]
+            trajectory_ref, summary_ref = sampler.sample.options(num_returns=2).remote(
+                spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights
+            )
+            tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
+        return tasks
 
-    # -- stages -------------------------------------------------------------------------------
+    def start_sampling(self, epoch: int) -> None:
+        """Submit the sampling of every epoch up to `epoch + cluster.max_policy_lag` not
+        submitted yet: sampling runs up to max_policy_lag epochs ahead of the learner."""
+        last_epoch = epoch + self.config.cluster.max_policy_lag
+        while self.next_epoch < self.config.num_epochs and self.next_epoch <= last_epoch:
+            self.in_flight.append(self.submit_sampling(self.next_epoch))
+            self.next_epoch += 1
 
-    def broadcast(self) -> None:
+    def go_on_from(self, epoch: int) -> None:
+        """Drop the sampling and scoring under way: the epochs from `epoch` on are sampled again,
+        the same batch ids and seeds (at lag 0, the same samples)."""
+        self.in_flight.clear()
+        self.next_epoch = epoch
+        self.reward_pool = self._reward_pool()
+        self.start_sampling(epoch)
+
+    def sample(self, epoch: int) -> EpochBatches | None:
+        """Wait until the epoch's sample batches are made (submitted at the last sync, or epochs
+        before at lag >= 1: only the time it holds the epoch up counts), queueing each for the
+        reward pool as soon as it is made. None once a stop is asked for."""
+        tasks = self.in_flight[0]
+        batches = EpochBatches(tasks, tqdm(total=self.config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
+                                           unit="img", leave=False))
+        waiting = {task.summary_ref: task.spec for task in tasks}
+        try:
+            while waiting:
+                if self.stop_requested.is_set():
+                    batches.progress.close()
+                    return None
+                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+                for ref in ready:
+                    spec = waiting.pop(ref)
+                    self.reward_pool.submit(ref, len(spec.prompts), self.metadata_of(spec.prompts))
+                if waiting:
+                    self.take_rewards(batches, wake_on=list(waiting))
+            batches.summaries = ray.get([task.summary_ref for task in tasks])
+        except BaseException:
+            batches.progress.close()
+            raise
+        # batches made with weights more than max_policy_lag versions old are not trained on
+        batches.fresh = fresh_batches([s.column("policy_version")[0].as_py() for s in batches.summaries],
+                                      self.policy_version, self.config.cluster.max_policy_lag)
+        return batches
+
+    def reward(self, batches: EpochBatches) -> dict[str, tuple[np.ndarray, dict]] | None:
+        """Wait for the rewards the pool has still to give once the last batch is made:
+        {batch_id: (rewards, info)}. None once a stop is asked for."""
+        try:
+            while len(batches.scored) < len(batches.tasks):
+                if self.stop_requested.is_set():
+                    return None
+                self.take_rewards(batches)
+        finally:
+            batches.progress.close()
+        return batches.scored
+
+    def take_rewards(self, batches: EpochBatches, wake_on: list[ray.ObjectRef] = ()) -> None:
+        """The rewards of the pool's calls that finish before one of `wake_on` (batches being
+        sampled) is made, or STOP_POLL_S goes by."""
+        for result in self.reward_pool.poll(wake_on=wake_on, max_wait_s=STOP_POLL_S):
+            if result.batch_id not in batches.scored:  # a batch id counts once
+                batches.scored[result.batch_id] = (result.rewards, result.info)
+                batches.progress.update(len(result.rewards))
+        self.metrics.queues(sampling=len(wake_on), scoring=self.reward_pool.num_items)
+
+    def metadata_of(self, prompts: list[str]) -> dict[str, dict]:
+        """The metadata of these prompts that have some (a JSON Lines prompts file's), for the reward."""
+        return {prompt: self.prompt_metadata[prompt] for prompt in prompts if prompt in self.prompt_metadata}
+
+    def train(self, batches: EpochBatches, scored: dict[str, tuple[np.ndarray, dict]]) -> dict:
+        """One update on every learner rank, on the fresh batches; each rank fetches its
+        samples' batches itself."""
+        fresh = [batches.tasks[i] for i in batches.fresh]
+        epoch = EpochTrajectories.describe([batches.summaries[i] for i in batches.fresh])
+        rewards = [scored[task.spec.batch_id][0] for task in fresh]
+        trajectory_refs = [task.trajectory_ref for task in fresh]
+        results = get_all([learner.train_on.remote(epoch, trajectory_refs, rewards) for learner in self.learners])
+        learner_metrics = results[0]  # the ranks' diagnostics are summed across the group: all the same
+        self.policy_version = learner_metrics.pop("policy_version")
+        self.in_flight.popleft()  # the epoch's sampling is spent
+        return learner_metrics
+
+    def sync(self) -> None:
         """Put the learner's LoRA into the object store once, for the samplers of their own
         devices (a worker samples with its rank's weights in place: none when every sampler is
         one). Every sample task from now on carries the one ref; a sampler loads it in place
@@ -269,140 +328,50 @@ class Driver:
         ray.wait([weights_ref], fetch_local=False)
         self.weights = (self.policy_version, [weights_ref])  # in a list: resolved only on a new version
 
-    def submit_sampling(self, epoch: int) -> list[SampleTask]:
-        tasks = []
-        for i, spec in enumerate(epoch_plan(self.config, self.prompts, epoch)):
-            sampler = self.samplers[i % len(self.samplers)]
-            trajectory_ref, summary_ref = sampler.sample.options(num_returns=2).remote(
-                spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights
-            )
-            tasks.append(SampleTask(spec, trajectory_ref, summary_ref))
-        return tasks
-
-    def collect(self, tasks: list[SampleTask], progress: tqdm) -> tuple[dict, float, float] | None:
-        """Wait for an epoch's sample batches, queueing each for the reward pool as soon as it is
-        made. Returns ({batch_id: (rewards, info)}, when the last batch was sampled, when the
-        last was scored), as `time.perf_counter()` readings; None once a stop is asked for."""
-        start = time.perf_counter()
-        waiting = {task.summary_ref: task.spec for task in tasks}
-        scored: dict[str, tuple[np.ndarray, dict]] = {}
-        sampled_at = start
-        while len(scored) < len(tasks):
-            if self.stop_requested.is_set():
-                return None
-            if waiting:
-                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-                for ref in ready:
-                    spec = waiting.pop(ref)
-                    self.reward_pool.submit(ref, len(spec.prompts), self.metadata_of(spec.prompts))
-                if not waiting:
-                    sampled_at = time.perf_counter()
-            for batch_id, rewards, info in self.reward_pool.poll(wake_on=list(waiting), max_wait_s=STOP_POLL_S):
-                if batch_id not in scored:  # a batch id counts once
-                    scored[batch_id] = (rewards, info)
-                    progress.update(len(rewards))
-            self.metrics.queues(sampling=len(waiting), scoring=self.reward_pool.num_items)
-        return scored, sampled_at, time.perf_counter()
-
-    def metadata_of(self, prompts: list[str]) -> dict[str, dict]:
-        """The metadata of these prompts that have some (a JSON Lines prompts file's), for the reward."""
-        return {prompt: self.prompt_metadata[prompt] for prompt in prompts if prompt in self.prompt_metadata}
-
-    def evaluate(self, when: str) -> dict[str, float]:
-        """Sample and score the fixed eval batch with the current weights, by the trained reward
-        and the held-out one (`reward.heldout`), and record it as `samples/eval_<when>.parquet`;
-        returns its `eval_metrics`. The batch of this very policy version is not sampled twice."""
-        if self.last_eval is not None and self.last_eval[0] == self.policy_version:
-            table = self.last_eval[1]
-        else:
-            spec = eval_plan(self.config, self.prompts)
-            _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
-                spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights)
-            actor, metadata = self.reward_actors[0], self.metadata_of(spec.prompts)
-            kinds = [False, True] if self.config.reward.heldout else [False]
-            scored = ray.get([actor.score.remote(summary_ref, prompt_metadata=metadata, heldout=heldout)
-                              for heldout in kinds])
-            table = pa.Table.from_batches([ray.get(summary_ref)])
-            for ((_, rewards, info),), column in zip(scored, ["reward", "heldout"]):
-                table = with_rewards(table, rewards, info, column)
-            self.last_eval = (self.policy_version, table)
-        self.recorder.record_eval(when, self.policy_version, table)
-        return eval_metrics(table)
-
-    def guard_against_hacking(self, epoch: int, metrics: dict[str, float]) -> str | None:
-        """Give the guard this epoch's evaluation (`ddpo.guard`): keep `checkpoints/best` at the
-        best held-out one, and when the guard fires, warn, stop or roll back
-        (`reward.heldout_action`). Returns the action taken, if any."""
-        evaluation = Evaluation(epoch, metrics["eval_reward_mean"], metrics["heldout_reward_mean"])
-        is_best, fired = self.guard.observe(evaluation)
-        if is_best:
-            self.save_best()
-        if not fired:
-            return None
-        action = self.config.reward.heldout_action
-        if action == "rollback" and self.rollbacks >= MAX_ROLLBACKS:
-            action = "stop"
-        best = self.run_dir / "checkpoints" / "best"
-        line = (f"{self.guard.warning(evaluation, ' + '.join(t.name for t in self.config.reward.heldout))}; "
-                f"best held-out checkpoint: {best} (epoch {self.guard.best.epoch})")
-        line += {"warn": "; training goes on (reward.heldout_action: warn)",
-                 "stop": "; the run stops here",
-                 "rollback": "; rolling back to it at half the learning rate"}[action]
-        print(line, file=sys.stderr, flush=True)
-        with open(self.run_dir / "guard.jsonl", "a") as f:  # kept across rollbacks, which cut metrics.jsonl
-            f.write(json.dumps({"epoch": epoch, "action": action, **vars(evaluation),
-                                "best": vars(self.guard.best)}) + "\n")
-        if action == "stop":
-            self.guard_stop = line
-        elif action == "rollback":
-            raise RolledBack(self.roll_back(best))
-        return action
-
-    def save_best(self) -> None:
-        """`checkpoints/best`: a copy of this epoch's checkpoint (written now if not yet), made
-        whole before it replaces the last best."""
-        saved = self.save_checkpoint()
-        root = self.run_dir / "checkpoints"
-        partial, best = root / ".best.partial", root / "best"
-        shutil.rmtree(partial, ignore_errors=True)
+    def write_checkpoint(self, root: Path) -> Path | None:
+        """Rank 0 writes it: every rank holds the same state."""
         try:
-            shutil.copytree(saved, partial)
-            shutil.rmtree(best, ignore_errors=True)
-            partial.rename(best)
+            return ray.get(self.learners[0].save_checkpoint.remote(root))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, OSError):
+                raise self.write_failed("the checkpoint", err.cause) from None
+            raise
+
+    def record(self, epoch: int, batches: EpochBatches, scored: dict[str, tuple[np.ndarray, dict]],
+               learner_metrics: dict, timer: StageTimer) -> dict:
+        """The epoch's record (the run directory, and the metrics exported for Prometheus), with
+        each role's busy share of the epoch and the actors' memory (`usage`)."""
+        tasks = batches.tasks
+        trajectories = ray.get([task.trajectory_ref for task in tasks]) if self.config.save_latents \
+            else batches.summaries
+        usage = self.usage(timer.elapsed())
+        try:
+            metrics = self.recorder.record_epoch(
+                epoch, self.policy_version,
+                table=pa.Table.from_batches(trajectories),
+                scored=[scored[task.spec.batch_id] for task in tasks],
+                learner_metrics={**learner_metrics, **usage, "learner_restarts": self.learner_restarts},
+                dropped_stale=len(tasks) - len(batches.fresh),
+                timings=timer.close,
+            )
         except OSError as err:
-            raise self.write_failed("the best checkpoint", err) from None
+            raise self.write_failed("the run directory", err) from None
+        self.metrics.epoch(metrics)
+        return metrics
 
-    def roll_back(self, best: Path) -> int:
-        """Load `best` into every learner rank at half the learning rate; the epochs after it
-        are redone (their checkpoints move to `checkpoints/rolled_back_<n>/`, out of a resume's
-        way, and their metrics are cut). Returns the epoch to go on from."""
-        self.rollbacks += 1
-        self.guard.streak = 0  # a streak counts from the weights rolled back to
-        versions = get_all([learner.roll_back.remote(best, 0.5) for learner in self.learners])
-        self.policy_version = versions[0]
-        root = self.run_dir / "checkpoints"
-        for path in root.glob("epoch_*"):
-            if int(path.name.removeprefix("epoch_")) >= self.policy_version:
-                (root / f"rolled_back_{self.rollbacks}").mkdir(exist_ok=True)
-                path.rename(root / f"rolled_back_{self.rollbacks}" / path.name)
-        self.recorder.restart_at(self.policy_version)
-        self.last_eval = None  # its version number comes again, with other weights
-        self.in_flight.clear()  # sampled with the weights rolled back from
-        self.next_epoch = self.policy_version
-        self.reward_pool = self._reward_pool()
-        self.broadcast()
-        self.sample_up_to(self.policy_version + self.config.cluster.max_policy_lag)
-        self.epoch_start = time.perf_counter()
-        return self.policy_version
+    def eval_batch(self) -> pa.Table:
+        """The fixed eval batch, sampled by the first sampler and scored through the reward pool."""
+        spec = eval_plan(self.config, self.prompts)
+        _, summary_ref = self.samplers[0].sample.options(num_returns=2).remote(
+            spec.batch_id, spec.prompts, spec.seeds, spec.sde_start, *self.weights)
+        trained, heldout = self.reward_pool.score_all([(summary_ref, len(spec.prompts), self.metadata_of(spec.prompts))],
+                                                      heldout=bool(self.config.reward.heldout))
+        return with_scores(ray.get(summary_ref), trained, heldout)
 
-    # -- the loop -----------------------------------------------------------------------------
+    def roll_back_learner(self, checkpoint: Path, lr_factor: float) -> int:
+        return get_all([learner.roll_back.remote(checkpoint, lr_factor) for learner in self.learners])[0]
 
-    def train(self, tasks: list[SampleTask], summaries: list[pa.RecordBatch], rewards: list[np.ndarray]) -> dict:
-        """One update on every learner rank; each fetches its samples' batches itself."""
-        epoch = EpochTrajectories.describe(summaries)
-        trajectory_refs = [task.trajectory_ref for task in tasks]
-        results = get_all([learner.train_on.remote(epoch, trajectory_refs, rewards) for learner in self.learners])
-        return results[0]  # the ranks' diagnostics are summed across the group: all the same
+    # -- resuming, usage ----------------------------------------------------------------------
 
     def resume(self, checkpoint: Path | None) -> int:
         """Load a checkpoint into every learner rank (None: they keep their initial weights);
@@ -417,24 +386,6 @@ class Driver:
                 if "heldout_reward_mean" in m:
                     self.guard.observe(Evaluation(m["epoch"], m["eval_reward_mean"], m["heldout_reward_mean"]))
         return self.policy_version
-
-    def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes it: every rank holds the same state."""
-        try:
-            saved = ray.get(self.learners[0].save_checkpoint.remote(self.run_dir / "checkpoints"))
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, OSError):
-                raise self.write_failed("the checkpoint", err.cause) from None
-            raise
-        self.last_checkpoint_at = time.monotonic()
-        return saved
-
-    def checkpoint_due(self, epoch: int) -> bool:
-        """`checkpoint_every` epochs, the last epoch, or `checkpoint_every_s` seconds since the
-        last checkpoint."""
-        every_s = self.config.checkpoint_every_s
-        return (is_checkpoint_epoch(self.config, epoch)
-                or (every_s > 0 and time.monotonic() - self.last_checkpoint_at >= every_s))
 
     def usage(self, seconds: float) -> dict[str, float | None]:
         """Since the last call, over `seconds` of wall time: each role's busy fraction (the share
@@ -458,127 +409,14 @@ class Driver:
                 "actors_rss_bytes": sum(report["rss_bytes"] for report in now.values()),
                 "actors_gpu_peak_bytes": sum(report["gpu_peak_bytes"] for report in now.values())}
 
-    def fit(self, start_epoch: int = 0) -> list[dict]:
-        """Train from `start_epoch` to the end; returns the epochs' metrics. When a stop is asked
-        for (`stop_requested`), it returns at the next safe point, where the learner's state
-        and the run's record agree: at once while an epoch is sampled and scored (that epoch is
-        dropped: a resume samples it again, the same batch ids and seeds), else after the
-        update under way and its epoch's record. The checkpoint is the caller's to write."""
-        config = self.config
-        max_lag = config.cluster.max_policy_lag
-        self.last_checkpoint_at, self.completed = time.monotonic(), False
-        self.broadcast()
-        if start_epoch == 0 and config.eval_images and not self.stop_requested.is_set():
-            self.evaluate("before")
-        self.in_flight.clear()
-        self.next_epoch = start_epoch
-        history: list[dict] = []
-        self.sample_up_to(start_epoch + max_lag)  # sampling runs up to max_lag epochs ahead of the learner
-        self.epoch_start = time.perf_counter()
-        epoch = start_epoch
-        with tqdm(desc="epochs", unit="epoch", initial=start_epoch, total=config.num_epochs) as epochs:
-            while epoch < config.num_epochs and not self.stop_requested.is_set():
-                try:
-                    metrics = self.run_epoch(epoch)
-                except RolledBack as rolled_back:
-                    epoch = rolled_back.epoch
-                    history = [m for m in history if m["epoch"] < epoch]
-                    epochs.n = epoch
-                    epochs.refresh()
-                    continue
-                except ray.exceptions.RayError as err:
-                    if self.stop_requested.is_set():  # stopping: no learner group restarted now
-                        raise
-                    epoch = self.recover_learners(err)  # re-raises what a learner's loss does not explain
-                    history = [m for m in history if m["epoch"] < epoch]
-                    epochs.n = epoch
-                    epochs.refresh()
-                    continue
-                if metrics is None:  # stopped before the epoch's update
-                    return history
-                epochs.update()
-                epochs.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['approx_kl'] or 0:.1e}")
-                history.append(metrics)
-                epoch += 1
-                if self.guard_stop is not None:
-                    break
-        self.completed = epoch >= config.num_epochs
-        if config.eval_images and not self.stop_requested.is_set():
-            self.evaluate("after")
-        return history
-
-    def sample_up_to(self, last_epoch: int) -> None:
-        """Submit the sampling of every epoch up to `last_epoch` not submitted yet."""
-        while self.next_epoch < self.config.num_epochs and self.next_epoch <= last_epoch:
-            self.in_flight.append(self.submit_sampling(self.next_epoch))
-            self.next_epoch += 1
-
-    def run_epoch(self, epoch: int) -> dict | None:
-        """Collect the epoch's samples and rewards, train, put the new weights, record; returns
-        the epoch's metrics (None: a stop was asked for before its update)."""
-        config = self.config
-        max_lag = config.cluster.max_policy_lag
-        tasks = self.in_flight[0]
-        with tqdm(total=config.samples_per_epoch, desc=f"epoch {epoch} sample+reward",
-                  unit="img", leave=False) as progress:
-            collected = self.collect(tasks, progress)
-        if collected is None:
-            return None
-        scored, sampled_at, scored_at = collected
-        summaries = ray.get([task.summary_ref for task in tasks])
-
-        # drop batches made with weights more than max_lag versions old
-        fresh = fresh_batches([s.column("policy_version")[0].as_py() for s in summaries],
-                              self.policy_version, max_lag)
-        train_start = time.perf_counter()
-        learner_metrics = self.train([tasks[i] for i in fresh], [summaries[i] for i in fresh],
-                                     [scored[tasks[i].spec.batch_id][0] for i in fresh])
-        time_train = time.perf_counter() - train_start
-        self.policy_version = learner_metrics.pop("policy_version")
-
-        broadcast_start = time.perf_counter()
-        self.broadcast()
-        self.in_flight.popleft()
-        eval_start = time.perf_counter()
-        evaluated: dict = {}
-        if config.eval_every and (epoch + 1) % config.eval_every == 0 and config.eval_images:
-            evaluated = self.evaluate(f"epoch_{epoch:04d}")
-            action = self.guard_against_hacking(epoch, evaluated) if self.guard is not None else None
-            if action is not None:
-                evaluated["heldout_guard"] = action
-            evaluated["time_eval_s"] = time.perf_counter() - eval_start
-        now = time.perf_counter()
-        started, self.epoch_start = self.epoch_start, now
-        time_broadcast, time_epoch = eval_start - broadcast_start, now - started
-        # the next epoch's sampling needs only the weights just put: it runs while this
-        # epoch is recorded (none after a stop signal: this epoch is the last)
-        if not self.stop_requested.is_set():
-            self.sample_up_to(epoch + 1 + max_lag)
-        usage = self.usage(time_epoch)
-
-        # the checkpoint first: a metrics line never runs ahead of the checkpoint it is due
-        if self.checkpoint_due(epoch):
-            self.save_checkpoint()
-        trajectories = ray.get([task.trajectory_ref for task in tasks]) if config.save_latents else summaries
-        try:
-            metrics = self.recorder.record_epoch(
-                epoch, self.policy_version,
-                table=pa.Table.from_batches(trajectories),
-                scored=[scored[task.spec.batch_id] for task in tasks],
-                learner_metrics={**learner_metrics, **usage, **evaluated, "learner_restarts": self.learner_restarts},
-                dropped_stale=len(tasks) - len(fresh),
-                # sampling may have started during the last epoch's recording (lag 0) or epochs
-                # before (lag >= 1): the time it held this epoch up counts
-                timings={"time_sample_s": max(0.0, sampled_at - started), "time_reward_s": scored_at - sampled_at,
-                         "time_train_s": time_train, "time_broadcast_s": time_broadcast,
-                         "time_epoch_s": time_epoch},
-            )
-        except OSError as err:
-            raise self.write_failed("the run directory", err) from None
-        self.metrics.epoch(metrics)
-        return metrics
-
     # -- learner recovery ---------------------------------------------------------------------
+
+    def recover(self, err: Exception) -> int:
+        """A Ray error in an epoch: `recover_learners`; while stopping, none (no learner group
+        is started again then). Any other error goes on to end the run."""
+        if not isinstance(err, ray.exceptions.RayError) or self.stop_requested.is_set():
+            raise err
+        return self.recover_learners(err)
 
     def dead_learners(self) -> list[str]:
         """The learner ranks that have died (a live rank answers on its report thread, also
@@ -621,12 +459,8 @@ class Driver:
         self.policy_version, self.last_eval = 0, None
         checkpoint = latest_checkpoint(self.run_dir)
         epoch = self.resume(checkpoint)
-        # sampling and scoring under way are dropped: the epochs from `epoch` on are redone
-        self.in_flight.clear()
-        self.next_epoch = epoch
-        self.reward_pool = self._reward_pool()
-        self.broadcast()
-        self.sample_up_to(epoch + self.config.cluster.max_policy_lag)
+        self.sync()
+        self.go_on_from(epoch)  # sampling and scoring under way are dropped: the epochs from `epoch` on are redone
         self.epoch_start = time.perf_counter()
         source = checkpoint.name if checkpoint is not None else "the initial weights"
         print(f"{', '.join(dead)} died: the learner group was restarted from {source} in "

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ray.util.metrics import Counter, Gauge
 
+from cluster.loop import TIMED_STAGES
+
 DASHBOARD = Path(__file__).with_name("grafana_dashboard.json")
 ROLES = ("sampler", "learner", "reward")
 _COUNT_KEYS = {"sampler": "cluster.num_samplers", "learner": "cluster.num_learners",
@@ -37,6 +39,18 @@ def usage_line(history: list[dict]) -> str:
             f"{last['actors_rss_bytes'] / 2**30:.2f} GiB resident{gpu}")
 
 
+def stages_line(history: list[dict]) -> str:
+    """One line: each stage's share of the epochs' wall time over a run's epochs (`eval` where
+    the eval batch was scored), and the rest: writing the metrics line that holds the times, and
+    its plots, which no stage times (see `cluster.loop.EpochLoop.run_epoch`)."""
+    seconds = sum(m["time_epoch_s"] for m in history)
+    stages = [stage for stage in TIMED_STAGES if any(f"time_{stage}_s" in m for m in history)]
+    shares = {stage: sum(m.get(f"time_{stage}_s", 0.0) for m in history) / seconds for stage in stages}
+    rest = max(0.0, 1.0 - sum(shares.values()))
+    return (f"stages: {', '.join(f'{stage} {share:.0%}' for stage, share in shares.items())} of the epoch time; "
+            f"the rest ({rest:.0%}) is the metrics lines and their plots")
+
+
 def bottleneck_hint(busy: dict[str, float], layout: str, max_policy_lag: int) -> str | None:
     """One line naming the count to raise when the samplers or learners idle more than half the
     time (a reward actor that idles costs little: it holds no device); None when none does."""
@@ -48,7 +62,7 @@ def bottleneck_hint(busy: dict[str, float], layout: str, max_policy_lag: int) ->
             return (f"the devices idle {1 - device:.0%} of the time waiting for rewards (reward actors busy "
                     f"{busy['reward']:.0%}): raise cluster.num_reward_actors")
         return (f"the devices idle {1 - device:.0%} of the time: the driver holds the run up "
-                "(see the time_*_s fields of metrics.jsonl)")
+                "(see the stages line, and the time_*_s fields of metrics.jsonl)")
     idle = [role for role in ("sampler", "learner") if busy[role] < 0.5]
     if not idle:
         return None
@@ -121,6 +135,7 @@ class DriverMetrics:
         "ddpo_loss": "mean training loss of the update",
         "ddpo_samples_per_second": "samples trained per second of the epoch",
         "ddpo_weight_sync_seconds": "seconds to put a LoRA version in the object store and hand it out",
+        "ddpo_epoch_seconds": "wall seconds of the epoch, its stages' and the record's writes",
         "ddpo_images_per_device_s": "images sampled per device-second of the epoch",
         "ddpo_mfu": "the denoisers' model FLOPs utilization of the devices' peak (GPU)",
         "ddpo_actors_rss_bytes": "resident memory of the run's actors, summed",
@@ -131,7 +146,8 @@ class DriverMetrics:
 
     def __init__(self):
         self.gauges = {name: Gauge(name, description) for name, description in self.GAUGES.items()}
-        self.stage_seconds = Gauge("ddpo_stage_seconds", "seconds of the epoch's stage", tag_keys=("stage",))
+        self.stage_seconds = Gauge("ddpo_stage_seconds", "seconds of the epoch's stage (cluster.loop)",
+                                   tag_keys=("stage",))
         self.queue_depth = Gauge("ddpo_queue_depth", "tasks waiting in a queue", tag_keys=("queue",))
         self.busy_fraction = Gauge("ddpo_busy_fraction", "fraction of the epoch a role's actors spent working",
                                    tag_keys=("role",))
@@ -152,7 +168,8 @@ class DriverMetrics:
             "ddpo_clipfrac": metrics["clipfrac"],
             "ddpo_loss": metrics["loss"],
             "ddpo_samples_per_second": metrics["samples_per_s"],
-            "ddpo_weight_sync_seconds": metrics["time_broadcast_s"],
+            "ddpo_weight_sync_seconds": metrics["time_sync_s"],
+            "ddpo_epoch_seconds": metrics["time_epoch_s"],
             "ddpo_images_per_device_s": metrics["images_per_device_s"],
             "ddpo_mfu": metrics["mfu"],
             "ddpo_actors_rss_bytes": metrics["actors_rss_bytes"],
@@ -165,8 +182,8 @@ class DriverMetrics:
                 self.gauges[name].set(float(value))
         for role in ROLES:
             self.busy_fraction.set(metrics[f"busy_{role}"], tags={"role": role})
-        for stage in ("sample", "reward", "train", "broadcast"):
-            self.stage_seconds.set(metrics[f"time_{stage}_s"], tags={"stage": stage})
+        for stage in TIMED_STAGES:  # eval: 0 on the epochs that do not score the eval batch
+            self.stage_seconds.set(metrics.get(f"time_{stage}_s", 0.0), tags={"stage": stage})
         if metrics.get("num_samples"):
             self.samples.inc(metrics["num_samples"])
         if metrics["dropped_stale"]:

@@ -2,7 +2,10 @@
 what only makes sense inside Ray (object refs in, torch threads from the layout, the learner
 group's rendezvous). The reward actor lives here; the sampler and the learner, which need
 diffusers and peft, in `cluster.remote_policy`: an actor's process imports the module of its
-class, and importing this one takes 2.6 s against 6.2 s with them (here, on 2 cores)."""
+class, and importing this one takes 2.6 s against 6.2 s with them (here, on 2 cores).
+
+And the one way in: `connect_ray` joins Ray (`ddpo train`, `ddpo eval`, `ddpo serve-rewards`),
+`start_actor` starts an actor (the driver's, `ddpo eval`'s reward actors, a reward service's)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import torch
 
 from actors.reward import RewardWorker
 from actors.usage import memory_bytes
+from cluster import ACTOR_ENV
 from cluster.metrics import ActorMetrics
 from ddpo.config import RewardConfig
+from ddpo.errors import AddressError, one_line
 from rewards import RewardProcessDead
 
 # `report` answers from its own thread, also while the actor is working
@@ -26,6 +31,30 @@ def restart_options(max_restarts: int) -> dict:
     """A restartable actor also reruns the tasks it had in flight (at least once: batch ids
     keep a rerun from counting twice)."""
     return {"max_restarts": max_restarts, "max_task_retries": -1 if max_restarts else 0}
+
+
+def start_actor(cls, *args, options: dict, num_threads: int, max_restarts: int = 0):
+    """`cls(*args, num_threads)` as a Ray actor: with `options` (its resources or its bundle,
+    its name), the actors' environment (ACTOR_ENV: the libraries quiet), its `report` thread
+    (CONCURRENCY_GROUPS) and `max_restarts` restarts that rerun its calls in flight."""
+    return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls).options(
+        **options, runtime_env={"env_vars": ACTOR_ENV}, **restart_options(max_restarts),
+    ).remote(*args, num_threads)
+
+
+def connect_ray(address: str | None, source: str, namespace: str, dashboard: bool = False, **init_kwargs):
+    """Join Ray in `namespace`: a new local instance when `address` is None (every socket on
+    loopback, `cluster.local`; its dashboard with `dashboard`), else the cluster at `address`
+    (named by `source`, checked to answer already: `cluster.cli.ray_address`), where a port
+    that answers but is no Ray cluster's is one line. Returns ray.init's context."""
+    if address is None:
+        from cluster.local import start_local_ray
+
+        return start_local_ray(namespace=namespace, include_dashboard=dashboard, **init_kwargs)
+    try:
+        return ray.init(address=address, namespace=namespace, **init_kwargs)
+    except ConnectionError as err:  # its port answered, but no Ray cluster there did
+        raise AddressError(f"{source}: cannot reach a Ray cluster at {address} ({one_line(err)})") from None
 
 
 def actor_metrics(*roles: str) -> dict[str, ActorMetrics]:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import ray
 
-from cluster import ACTOR_ENV
-from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
+from cluster.remote import RewardActor, start_actor
 from ddpo.config import ActorResources, Config, RewardConfig, RewardTerm
 from ddpo.errors import RewardError
 
@@ -103,16 +102,14 @@ def start_service(config: Config, name: str) -> RewardService:
         raise RewardServiceError(f"--name: a reward service '{name}' is running on this cluster already; stop it "
                                  f"with `ddpo serve-rewards --stop {name}`, or choose another --name")
     c = config.cluster
-    options, threads = actor_resources(c.reward)
-    remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardServiceActor)
+    resources, threads = actor_resources(c.reward)
     names = [actor_name(name, i) for i in range(c.num_reward_actors)]
     actors = []
     try:
-        for actor in names:
-            actors.append(remote.options(
-                name=actor, namespace=NAMESPACE, lifetime="detached", runtime_env={"env_vars": ACTOR_ENV},
-                **options, **restart_options(c.max_restarts),
-            ).remote(name, config.reward, options, threads))
+        for actor in names:  # detached: they outlive this process
+            actors.append(start_actor(
+                RewardServiceActor, name, config.reward, resources, num_threads=threads, max_restarts=c.max_restarts,
+                options={**resources, "name": actor, "namespace": NAMESPACE, "lifetime": "detached"}))
         ray.get([actor.ready.remote() for actor in actors])
     except BaseException as err:
         _kill(actors)
@@ -120,7 +117,7 @@ def start_service(config: Config, name: str) -> RewardService:
             raise RewardServiceError(f"--name: a reward service '{name}' is running on this cluster already; "
                                      f"stop it with `ddpo serve-rewards --stop {name}`") from None
         raise
-    return RewardService(name, actors, names, config.reward, options)
+    return RewardService(name, actors, names, config.reward, resources)
 
 
 def find_service(name: str, source: str = "reward.service") -> RewardService:

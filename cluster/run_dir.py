@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,10 @@ class RunRecorder:
 
     def record_epoch(self, epoch: int, policy_version: int, table: pa.Table,
                      scored: list[tuple[np.ndarray, dict[str, list]]], learner_metrics: dict,
-                     dropped_stale: int, timings: dict[str, float]) -> dict:
-        """Write the epoch's record; return its metrics."""
+                     dropped_stale: int, timings: Callable[[], dict[str, float]]) -> dict:
+        """Write the epoch's record; return its metrics. `timings` is asked for the epoch's times
+        once its samples and grid are written: the metrics line that holds them, and the curves
+        and TensorBoard after it, fall in the next epoch's `time_epoch_s`."""
         run_dir = self.run_dir
         rewards = np.concatenate([r for r, _ in scored])
         info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
@@ -249,6 +252,7 @@ class RunRecorder:
         write_trajectories(run_dir, epoch, table)
         grid = sample_grid(table)
         grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        timings = timings()
         metrics = {
             "epoch": epoch,
             "policy_version": policy_version,

@@ -95,7 +95,7 @@ def sample_seed(seed: int, index: int) -> int:
 @dataclass
 class SampleResult:
     out: Path
-    images: list[Path]
+    samples: list[Path]  # one file a sample: .png an image, .webp a video (ddpo.media)
     grid: Path
     checkpoint: Path | None  # None: the base model
     epochs: int
@@ -127,10 +127,8 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     records, paths = [], []
     for batch, trajectories, record in sample_items(model, config, items, seed, batch_size, epochs, progress):
         records.append(record)
-        for (prompt, i), image in zip(batch, trajectories.images):
-            path = out / f"{names[prompt]}_{i}.png"
-            _save_png(image, path)
-            paths.append(path)
+        for index, (prompt, i) in enumerate(batch):
+            paths.append(trajectories.media.save(index, out / f"{names[prompt]}_{i}"))
     title = (f"{ckpt.name} ({epochs} epochs trained)" if ckpt else "the base model (no LoRA)") + f", --seed {seed}"
     grid = sample_grid(pa.Table.from_batches(records), max_images=len(items), title=title,
                        cols=min(num_per_prompt, 8))
@@ -167,7 +165,7 @@ def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int,
     (a batch of another size may round differently, by 1e-5 in the latents)."""
     from tqdm.auto import tqdm
 
-    from ddpo.diffusion import sample_trajectories
+    from ddpo.rollout import sample_trajectories
     from ddpo.plan import sde_steps
     from ddpo.trajectory import LATENTS, to_record_batch
 
@@ -176,7 +174,7 @@ def sample_items(model, config: Config, items: list[tuple[str, int]], seed: int,
     for k, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         padded = batch + [batch[-1]] * (size - len(batch))
         trajectories = sample_trajectories(model, [p for p, _ in padded], [sample_seed(seed, i) for _, i in padded],
-                                           config.sample, sde_steps(config, config.sample.sde_window_range[0]))
+                                           config.sample, sde_steps(config, config.sample.flow.sde_window_range[0]))
         trajectories = _first(trajectories, len(batch))
         yield batch, trajectories, to_record_batch(trajectories, f"sample-{k}", policy_version).drop_columns([LATENTS])
 
@@ -188,7 +186,7 @@ def _first(trajectories, n: int):
     t = trajectories
     return replace(t, prompts=t.prompts[:n], seeds=t.seeds[:n], latents=t.latents[:n],
                    log_probs=None if t.log_probs is None else t.log_probs[:n],
-                   timesteps=t.timesteps[:n], images=t.images[:n])
+                   timesteps=t.timesteps[:n], media=t.media[:n])
 
 
 def load_model(config: Config, checkpoint: Path | None):
@@ -221,12 +219,6 @@ def _file_names(prompts: list[str]) -> dict[str, str]:
     return names
 
 
-def _save_png(image, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
-
-
 # -- ddpo eval --------------------------------------------------------------------------------
 
 
@@ -239,12 +231,14 @@ class EvalResult:
 
 def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = False, num_per_prompt: int = 50,
              seed: int = 0, out: str | Path | None = None, overrides: list[str] | None = None,
-             batch_size: int | None = None, address: str | None = None, progress: bool = True) -> EvalResult:
+             batch_size: int | None = None, address: str | None = None, progress: bool = True,
+             address_source: str = "--address") -> EvalResult:
     """Score a checkpoint (the latest by default; the base model with `base`) with the run's
     reward (or the one `overrides` set): `num_per_prompt` images of each of the run's prompts,
     image i from seed `sample_seed(seed, i)` as `ddpo sample` draws them, sampled here; the
     reward runs on Ray in reward actors behind the reward pool, as in training: on the cluster
-    at `address` (`ddpo eval` passes RAY_ADDRESS's inside a job), on the Ray instance this process
+    at `address` (`ddpo eval` passes RAY_ADDRESS's inside a job; `address_source` names where it
+    was given, for the message when no Ray cluster answers there), on the Ray instance this process
     already has, or else on a local one. Writes the report as JSON to `out` (default
     `RUN_DIR/eval_<checkpoint name>.json`, or `eval_base.json`):
     the reward's mean and standard error overall and per prompt, and the means of the reward's
@@ -263,7 +257,7 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     model = load_model(config, ckpt)
     records = [record for _, _, record in sample_items(model, config, items, seed, batch_size, epochs, progress)]
     del model
-    table = _score_on_ray(config, records, address)
+    table = _score_on_ray(config, records, address, address_source)
     report = eval_report(table, prompts)
     report = {"checkpoint": ckpt.name if ckpt else None, "epochs_trained": epochs,
               "base_model": config.model.pretrained, "reward": config.reward.label,
@@ -272,26 +266,22 @@ def eval_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = Fa
     return EvalResult(out, report, ckpt)
 
 
-def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None) -> pa.Table:
+def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | None,
+                  address_source: str = "--address") -> pa.Table:
     """The records with their rewards (`reward`, `info.<key>`), scored behind the reward pool by
     the reward service `reward.service` names, else by reward actors of its own
     (`cluster.num_reward_actors`, with `cluster.reward`'s resources); with `reward.heldout`, the
     held-out reward's too (`heldout`, `heldout_info.<key>`)."""
     import ray
 
-    from cluster import ACTOR_ENV
-    from cluster.remote import CONCURRENCY_GROUPS, RewardActor, restart_options
+    from cluster.loop import with_scores
+    from cluster.remote import RewardActor, connect_ray, start_actor
     from cluster.reward_pool import RewardPool
     from cluster.reward_service import actor_resources, connect_service
-    from cluster.run_dir import with_rewards
 
     started = not ray.is_initialized()
-    if started and address is None:  # local mode: loopback only, no dashboard for a short job
-        from cluster.local import start_local_ray
-
-        start_local_ray(namespace="ddpo", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    elif started:
-        ray.init(address=address, namespace="ddpo", log_to_driver=False)
+    if started:  # with no address, a local instance: loopback only, no dashboard for a short job
+        connect_ray(address, address_source, namespace="ddpo", log_to_driver=False, logging_level=logging.WARNING)
     c = config.cluster
     actors, names = [], None  # the reward actors started here (none with a service)
     try:
@@ -300,38 +290,24 @@ def _score_on_ray(config: Config, records: list[pa.RecordBatch], address: str | 
             scorers, names = service.actors, service.names
         else:
             options, threads = actor_resources(c.reward)
-            actors = [ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor).options(
-                **options, runtime_env={"env_vars": ACTOR_ENV}, **restart_options(c.max_restarts),
-            ).remote(config.reward, threads) for _ in range(c.num_reward_actors)]
+            actors = [start_actor(RewardActor, config.reward, options=options, num_threads=threads,
+                                  max_restarts=c.max_restarts) for _ in range(c.num_reward_actors)]
             ray.get([actor.ready.remote() for actor in actors])
             scorers = actors
         pool = RewardPool(scorers, config.reward.label, config.reward.max_batch_images, config.reward.timeout_s,
                           names)
         metadata = config.load_prompt_metadata()  # a JSON Lines prompts file's, for the reward
-        refs = [ray.put(record) for record in records]
-        record_metadata = [{p: metadata[p] for p in set(record.column("prompt").to_pylist()) if p in metadata}
-                           for record in records]
-        for ref, record, prompt_metadata in zip(refs, records, record_metadata):
-            pool.submit(ref, record.num_rows, prompt_metadata)
-        scored = {}
-        while pool.num_items:
-            scored.update((batch_id, (rewards, info)) for batch_id, rewards, info in pool.poll())
-        heldout = {}  # the held-out reward (`reward.heldout`), record by record on the actors in turn
-        if config.reward.heldout:
-            calls = [scorers[i % len(scorers)].score.remote(ref, prompt_metadata=prompt_metadata, heldout=True)
-                     for i, (ref, prompt_metadata) in enumerate(zip(refs, record_metadata))]
-            heldout = {batch_id: (rewards, info) for ((batch_id, rewards, info),) in ray.get(calls)}
+        trained, heldout = pool.score_all(
+            [(ray.put(record), record.num_rows,
+              {p: metadata[p] for p in set(record.column("prompt").to_pylist()) if p in metadata})
+             for record in records],
+            heldout=bool(config.reward.heldout))
     finally:
         for actor in actors:
             ray.kill(actor)
         if started:
             ray.shutdown()
-    tables = []
-    for record in records:
-        batch_id = record.column("batch_id")[0].as_py()
-        table = with_rewards(pa.Table.from_batches([record]), *scored[batch_id])
-        tables.append(with_rewards(table, *heldout[batch_id], column="heldout") if heldout else table)
-    return pa.concat_tables(tables)
+    return pa.concat_tables([with_scores(record, trained, heldout) for record in records])
 
 
 def eval_report(table: pa.Table, prompts: list[str]) -> dict:
@@ -455,17 +431,17 @@ def _is_hub_id(pretrained: str) -> bool:
 def _describe_sampler(config: Config) -> str:
     """The run's sampler in words: DDPO's or Flow-GRPO's stochastic steps, an SDE window in the
     flow ODE (Flow-GRPO-Fast, MixGRPO, CPS), or the plain ODE (DiffusionNFT)."""
-    s = config.sample
+    s, f = config.sample, config.sample.flow
     head, size = f"{s.num_steps} steps, guidance scale {s.guidance_scale:g}", f"{s.height}x{s.width}"
     if config.train.algorithm == "diffusion_nft":
         return f"{head}, the deterministic flow ODE (Euler), {size}"
-    if s.sde_window:
-        first, end = s.sde_window_range
-        where = ("its first step drawn per sample batch" if s.sde_window_schedule == "random" else
-                 f"sliding by {s.sde_window_shift} every {s.sde_window_interval} epochs from the first")
-        return (f"{head}, the flow ODE (Euler) but for a window of {s.sde_window} stochastic `{s.sde_type}` steps "
-                f"(noise level {s.noise_level:g}) within steps [{first}, {end}), {where}, {size}")
-    return f"{head}, eta {s.eta:g} (flow noise level {s.noise_level:g}), {size}"
+    if f.sde_window:
+        first, end = f.sde_window_range
+        where = ("its first step drawn per sample batch" if f.sde_window_schedule == "random" else
+                 f"sliding by {f.sde_window_shift} every {f.sde_window_interval} epochs from the first")
+        return (f"{head}, the flow ODE (Euler) but for a window of {f.sde_window} stochastic `{f.sde_type}` steps "
+                f"(noise level {f.noise_level:g}) within steps [{first}, {end}), {where}, {size}")
+    return f"{head}, eta {s.ddim.eta:g} (flow noise level {f.noise_level:g}), {size}"
 
 
 def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, evals: dict | None,

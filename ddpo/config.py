@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,27 +73,24 @@ class PromptConfig:
 
 
 @dataclass
-class SampleConfig:
-    num_steps: int = 10
-    guidance_scale: float = 5.0
+class DDIMConfig:
+    # eta of the DDIM step's std sigma_t = eta * sqrt((1 - a_{t-1}) / (1 - a_t)) *
+    # sqrt(1 - a_t / a_{t-1}) (DDIM formula (16)); > 0, as the step needs noise for a log-prob
+    # (1: DDPM's variance, as the paper)
     eta: float = 1.0
-    height: int = 32
-    width: int = 32
-    # images per sampler task (one "sample batch", the unit that carries an id)
-    batch_size: int = 8
-    # sample batches per epoch; samples per epoch = batch_size * num_batches_per_epoch
-    num_batches_per_epoch: int = 4
-    # flow-matching models (SD3, FLUX): a in the Flow-GRPO SDE's noise std a*sqrt(sigma/(1-sigma))
+
+
+@dataclass
+class FlowConfig:
+    # a in the Flow-GRPO SDE's noise std a*sqrt(sigma/(1-sigma)); with CPS, the step's std is
+    # sigma_next * sin(noise_level * pi / 2)
     noise_level: float = 0.7
-    # log p(x_{t-1} | x_t, c) over the latent's elements: `mean` as the public implementation
-    # (its hyperparameters assume it), or `sum` for the true Gaussian log density.
-    log_prob_reduction: Literal["mean", "sum"] = "mean"
-    # flow-matching models: the stochastic step. `flow_grpo`: Flow-GRPO's SDE (noise_level is a in
-    # its std a*sqrt(sigma/(1-sigma))); `cps`: coefficients-preserving sampling (Wang & Yu 2025),
+    # the stochastic step. `flow_grpo`: Flow-GRPO's SDE (noise_level is a in its std
+    # a*sqrt(sigma/(1-sigma))); `cps`: coefficients-preserving sampling (Wang & Yu 2025),
     # std = sigma_next * sin(noise_level * pi / 2), no excess noise left in the image
     sde_type: Literal["flow_grpo", "cps"] = "flow_grpo"
-    # flow-matching models: only `sde_window` consecutive steps are stochastic, stored and trained;
-    # the others are the deterministic flow ODE (Euler). 0 = every step stochastic (Flow-GRPO)
+    # only `sde_window` consecutive steps are stochastic, stored and trained; the others are the
+    # deterministic flow ODE (Euler). 0 = every step stochastic (Flow-GRPO)
     sde_window: int = 0
     # where the window lies: `random` (Flow-GRPO-Fast), its first step drawn per sample batch
     # from the epoch plan; `sliding` (MixGRPO), starting at the range's first step and moving
@@ -103,10 +101,33 @@ class SampleConfig:
     sde_window_shift: int = 1
     sde_window_interval: int = 10
 
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 10
+    guidance_scale: float = 5.0
+    # positive; each model family has its own multiple (its pipeline's: 8 for SD and SDXL, 16
+    # for SD3, FLUX and Qwen-Image at their published sizes; `ModelFamily.size_multiple`)
+    height: int = 32
+    width: int = 32
+    # images per sampler task (one "sample batch", the unit that carries an id)
+    batch_size: int = 8
+    # sample batches per epoch; samples per epoch = batch_size * num_batches_per_epoch
+    num_batches_per_epoch: int = 4
+    # log p(x_{t-1} | x_t, c) over the latent's elements: `mean` as the public implementation
+    # (its hyperparameters assume it), or `sum` for the true Gaussian log density.
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    # the settings of each kind of step; a model family reads its own kind's and refuses the
+    # others' set away from their defaults (`ModelFamily.step_settings`): the DDIM step of the
+    # UNet families (SD 1.x/2.x, SDXL)...
+    ddim: DDIMConfig = field(default_factory=DDIMConfig)
+    # ...and the flow-matching SDE step of the transformer families (SD3, FLUX, Qwen-Image)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
     @property
     def stored_steps(self) -> int:
         """The steps of a trajectory that are stochastic, stored and trained: the window's, or all."""
-        return self.sde_window or self.num_steps
+        return self.flow.sde_window or self.num_steps
 
 
 @dataclass
@@ -494,8 +515,46 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys that moved in this release, old -> new: the old ones are still read, each use with one
+# FutureWarning naming the new key, until the next release. `sample.eta` and the flow SDE's
+# settings moved under the step they belong to (a model family reads one kind of step).
+MOVED_KEYS = {
+    "sample.eta": "sample.ddim.eta",
+    **{f"sample.{name}": f"sample.flow.{name}"
+       for name in ("noise_level", "sde_type", "sde_window", "sde_window_schedule", "sde_window_range",
+                    "sde_window_shift", "sde_window_interval")},
+}
+
+
+def _move_old_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` (one YAML file's keys, or the `--set` overrides') with the keys of MOVED_KEYS moved
+    to their new place, warning once for each; the old and the new key of one setting both in
+    `where` is a ConfigError."""
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_name = old.split(".")
+        parent = data
+        for part in old_path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_name not in parent:
+            continue
+        *new_path, new_name = new.split(".")
+        target = data
+        for part in new_path:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{new.rpartition('.')[0]}: expected a mapping, got {child!r}")
+            target = child
+        if new_name in target:
+            raise ConfigError(f"{old}: the old name of {new}, which {where} sets too; keep {new} alone")
+        target[new_name] = parent.pop(old_name)
+        warnings.warn(f"{old} is deprecated: use {new} (the old key goes in the next release; found in {where})",
+                      FutureWarning, stacklevel=3)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
+    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate. Keys of an
+    earlier release (MOVED_KEYS) are read at their new place, with a FutureWarning."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -509,7 +568,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config: '{path}' is not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config: '{path}' must hold a mapping of config keys")
-    data = _merge(data, parse_overrides(overrides or []))
+        data = _move_old_keys(data, f"'{path}'")
+    data = _merge(data, _move_old_keys(parse_overrides(overrides or []), "--set"))
     config = _build(Config, data)
     if path is not None and config.prompts.file is not None:  # relative to the config's folder
         config.prompts.file = str((path.resolve().parent / config.prompts.file).resolve())
@@ -547,39 +607,43 @@ def check_address(address: str, field: str) -> None:
            f"{field}: must be auto, ray://host:port or host:port, got {address!r}")
 
 
-def _validate_window(config: Config) -> None:
-    """The SDE window and the step type; which families take them is checked at load
-    (`ModelFamily.check_config`)."""
-    s, t = config.sample, config.train
-    _check(s.sde_window >= 0, "sample.sde_window: must be >= 0 (0 = every step stochastic)")
-    _check(len(s.sde_window_range) == 2, f"sample.sde_window_range: expected [first, end), got {s.sde_window_range}")
-    first, end = s.sde_window_range
+def _validate_flow(config: Config) -> None:
+    """The flow step's settings: its noise, the SDE window and the step type; which families
+    take them is checked at load (`ModelFamily.check_config`)."""
+    s, f, t = config.sample, config.sample.flow, config.train
+    _check(f.noise_level > 0, "sample.flow.noise_level: must be > 0 (with no noise the flow step is "
+                              "deterministic and has no log-probability)")
+    _check(f.sde_window >= 0, "sample.flow.sde_window: must be >= 0 (0 = every step stochastic)")
+    _check(len(f.sde_window_range) == 2,
+           f"sample.flow.sde_window_range: expected [first, end), got {f.sde_window_range}")
+    first, end = f.sde_window_range
     # the range only places a window: without one (every step stochastic) it is not used, and the
     # default [0, 5) must not refuse a schedule of fewer steps
-    _check(s.sde_window == 0 or 0 <= first < end <= s.num_steps,
-           f"sample.sde_window_range: must satisfy 0 <= first < end <= sample.num_steps ({s.num_steps}), "
-           f"got {s.sde_window_range}")
-    _check(s.sde_window == 0 or s.sde_window <= end - first,
-           f"sample.sde_window: a window of {s.sde_window} steps does not fit in sample.sde_window_range "
-           f"{s.sde_window_range} ({end - first} steps of sample.num_steps={s.num_steps})")
-    _check(s.sde_window_shift >= 1, "sample.sde_window_shift: must be >= 1")
-    _check(s.sde_window_interval >= 1, "sample.sde_window_interval: must be >= 1")
+    _check(f.sde_window == 0 or 0 <= first < end <= s.num_steps,
+           f"sample.flow.sde_window_range: must satisfy 0 <= first < end <= sample.num_steps ({s.num_steps}), "
+           f"got {f.sde_window_range}")
+    _check(f.sde_window == 0 or f.sde_window <= end - first,
+           f"sample.flow.sde_window: a window of {f.sde_window} steps does not fit in sample.flow.sde_window_range "
+           f"{f.sde_window_range} ({end - first} steps of sample.num_steps={s.num_steps})")
+    _check(f.sde_window_shift >= 1, "sample.flow.sde_window_shift: must be >= 1")
+    _check(f.sde_window_interval >= 1, "sample.flow.sde_window_interval: must be >= 1")
     if t.algorithm == "diffusion_nft":
-        _check(s.sde_window == 0, "sample.sde_window: diffusion_nft samples by the plain ODE and stores no steps; "
-                                  "set it to 0")
-        _check(s.sde_type == "flow_grpo", "sample.sde_type: diffusion_nft samples by the plain ODE, with no SDE "
-                                          "step; remove the setting")
+        _check(f.sde_window == 0, "sample.flow.sde_window: diffusion_nft samples by the plain ODE and stores no "
+                                  "steps; set it to 0")
+        _check(f.sde_type == "flow_grpo", "sample.flow.sde_type: diffusion_nft samples by the plain ODE, with no "
+                                          "SDE step; remove the setting")
         _check(s.guidance_scale == 1.0, "sample.guidance_scale: diffusion_nft is CFG-free (it trains the "
                                         "conditional velocity); set it to 1")
         _check(t.nft_beta > 0, "train.nft_beta: must be > 0")
         _check(t.nft_decay_rate >= 0, "train.nft_decay_rate: must be >= 0")
         _check(0 <= t.nft_decay_max < 1, "train.nft_decay_max: must be in [0, 1)")
-    last = s.num_steps if s.sde_window == 0 else end
-    _check(s.sde_type != "cps" or last < s.num_steps,
-           "sample.sde_type: cps has no noise at the last step (std = sigma_next = 0, no log-prob): use an "
+    last = s.num_steps if f.sde_window == 0 else end
+    _check(f.sde_type != "cps" or last < s.num_steps,
+           "sample.flow.sde_type: cps has no noise at the last step (std = sigma_next = 0, no log-prob): use an "
            f"sde_window whose sde_window_range ends before sample.num_steps ({s.num_steps})")
-    _check(t.algorithm != "rwr" or s.sde_window == 0,
-           "sample.sde_window: rwr trains on the final image x_0, which a windowed trajectory does not store; set it to 0")
+    _check(t.algorithm != "rwr" or f.sde_window == 0,
+           "sample.flow.sde_window: rwr trains on the final image x_0, which a windowed trajectory does not store; "
+           "set it to 0")
 
 
 def validate(config: Config) -> None:
@@ -600,15 +664,13 @@ def validate(config: Config) -> None:
     _check(config.prompts.file is not None or len(config.prompts.prompts) > 0,
            "prompts.prompts: the prompt list is empty")
     _check(s.num_steps >= 1, "sample.num_steps: must be >= 1")
-    _check(s.eta > 0, "sample.eta: must be > 0 (with eta = 0 the DDIM step is deterministic "
-                      "and has no log-probability)")
-    _check(s.noise_level > 0, "sample.noise_level: must be > 0 (with no noise the flow step is "
-                              "deterministic and has no log-probability)")
+    _check(s.ddim.eta > 0, "sample.ddim.eta: must be > 0 (with eta = 0 the DDIM step is deterministic "
+                           "and has no log-probability)")
     _check(s.guidance_scale >= 1.0, "sample.guidance_scale: must be >= 1 (1 = no guidance)")
-    _check(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
-           "sample.height/sample.width: must be positive multiples of 8")
+    # the multiple they must be is the model family's (ModelFamily.size_multiple, checked at load)
+    _check(s.height > 0 and s.width > 0, "sample.height/sample.width: must be positive")
     _check(s.batch_size >= 1, "sample.batch_size: must be >= 1")
-    _validate_window(config)
+    _validate_flow(config)
     _check(s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch: must be >= 1")
     _check(t.learning_rate > 0, "train.learning_rate: must be > 0")
     _check(0 <= t.adam_beta1 < 1, "train.adam_beta1: must be in [0, 1)")

@@ -1,6 +1,6 @@
 """Flow matching as a Markov decision process: the Flow-GRPO SDE step, with an exact log-prob.
 
-The flow-matching twin of `ddpo.diffusion.ddim_step_with_logprob`. Flow-GRPO (Liu et al. 2025,
+The flow-matching twin of `ddpo.ddim.ddim_step_with_logprob`. Flow-GRPO (Liu et al. 2025,
 "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470, Sec. 4.2) turns the
 deterministic flow ODE dx = v dt into the SDE
 
@@ -28,7 +28,7 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ddpo.diffusion import GaussianStep, gaussian_step
+from ddpo.gaussian import GaussianStep, gaussian_step
 
 
 def _schedule_index(scheduler: FlowMatchEulerDiscreteScheduler, timestep, batch: int, device) -> torch.Tensor:

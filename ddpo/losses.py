@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpo.diffusion import reduce_over_latent
+from ddpo.gaussian import reduce_over_latent
 
 
 def ddpo_sf_loss(log_prob, advantages, importance_weight):

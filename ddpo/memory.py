@@ -64,15 +64,6 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = GIB // 2
 # bytes a trainable LoRA parameter costs a learner: float32 value, gradient, AdamW's two moments
 LEARNER_BYTES_PER_LORA_PARAM = 4 * 4
-# the T5 (or Qwen2.5-VL) tokens of a prompt when neither the config nor the family says: the
-# pipelines' defaults (StableDiffusion3Pipeline 256, FluxPipeline 512, QwenImagePipeline's maximum 512)
-DEFAULT_SEQUENCE_LENGTH = {"SD3Transformer2DModel": 256, "FluxTransformer2DModel": 512,
-                           "QwenImageTransformer2DModel": 512}
-# the LoRA targets where the model's family is not here to say (diffusers attention projections,
-# and the text stream's in joint-attention transformers)
-FALLBACK_LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"],
-                         "transformer": ["to_q", "to_k", "to_v", "to_out.0",
-                                         "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]}
 
 
 class PlanUnavailable(ConfigError):
@@ -264,6 +255,7 @@ class MetaModel:
     """A pipeline's modules on the meta device, as loaded for a run (dtype, LoRA on the denoiser)."""
 
     class_name: str  # the pipeline's `_class_name`
+    family: type  # its ddpo.families.ModelFamily, which says how the denoiser and the VAE are called
     source: str  # where its configs came from
     modules: dict[str, torch.nn.Module]  # loaded components, by their pipeline name
     denoiser_name: str
@@ -282,14 +274,14 @@ class MetaModel:
         return self.modules[self.vae_name]
 
 
-def _family(class_name: str):
-    """The family adapter of a pipeline class, or None where no family module serves it (yet)."""
+def _family(pretrained: str, class_name: str):
+    """The family adapter of a pipeline class; PlanUnavailable where no family serves it."""
     from ddpo.families import family_named
 
     try:
         return family_named(class_name)
-    except ValueError:
-        return None
+    except ValueError as err:
+        raise PlanUnavailable(f"model.pretrained: '{pretrained}': {err}") from None
 
 
 def shipped_configs(pretrained: str) -> Path | None:
@@ -301,10 +293,10 @@ def shipped_configs(pretrained: str) -> Path | None:
 def config_folder(pretrained: str, revision: str | None = None) -> Path | None:
     """Where the model's configs are read: a builtin model's or a local folder, the shipped copy
     of a hub model's, or the hub's own (its small config files, from the cache or the hub; no
-    weights). None for builtin:tiny, which is built in code. PlanUnavailable when none is found."""
-    from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_TINY
+    weights). None for a builtin built in code. PlanUnavailable when none is found."""
+    from ddpo.pipeline import BUILTIN_BUILDERS, BUILTIN_FOLDERS
 
-    if pretrained == BUILTIN_TINY:
+    if pretrained in BUILTIN_BUILDERS:
         return None
     if pretrained in BUILTIN_FOLDERS:
         return BUILTIN_FOLDERS[pretrained]
@@ -390,20 +382,19 @@ def _build_component(folder: Path, library: str, class_name: str) -> torch.nn.Mo
 
 def _meta_pipeline(pretrained: str, revision: str | None) -> tuple[str, str, dict[str, torch.nn.Module]]:
     """(pipeline class name, config source, its torch modules on meta in float32)."""
-    from ddpo.pipeline import build_tiny_pipeline
+    from ddpo.pipeline import meta_pipeline
 
     folder = config_folder(pretrained, revision)
-    if folder is None:  # builtin:tiny, built in code: the same code, on meta
-        with torch.device("meta"):
-            pipe = build_tiny_pipeline()
+    if folder is None:  # a builtin built in code: the same code, on meta
+        pipe = meta_pipeline(pretrained)
         modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-        return type(pipe).__name__, "built in code (ddpo/pipeline.py build_tiny_pipeline)", modules
+        return type(pipe).__name__, "built in code (ddpo/pipeline.py BUILTIN_BUILDERS)", modules
     index = json.loads((folder / "model_index.json").read_text())
     class_name = index.get("_class_name", "?")
     source = (f"the shipped copy of its configs, ddpo/assets/model_configs/{folder.name}"
               if folder.parent == MODEL_CONFIGS else str(folder))
-    family = _family(class_name)
-    skipped = {name for name, value in (family.load_kwargs if family else {}).items() if value is None}
+    family = _family(pretrained, class_name)
+    skipped = {name for name, value in family.load_kwargs.items() if value is None}
     modules = {}
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or name in skipped:
@@ -430,26 +421,21 @@ def meta_model(pretrained: str, revision: str | None, dtype: str, lora_rank: int
 
     with _quiet():
         class_name, source, modules = _meta_pipeline(pretrained, revision)
-        family = _family(class_name)
+        family = _family(pretrained, class_name)
         torch_dtype = getattr(torch, dtype)
         for module in modules.values():
             _cast(module, torch_dtype)
             module.requires_grad_(False)
             module.eval()
-    # SDXL's VAE decodes in float32 when loaded in float16 (ddpo/families/sdxl.py `prepare`)
+    family.upcast(modules)  # what the family runs in float32 whatever the dtype (SDXL's VAE)
     vae_name = next((n for n in modules if n == "vae"), next((n for n in modules if "vae" in n), None))
-    from ddpo.families.sdxl import StableDiffusionXL
-
-    if (family is not None and issubclass(family, StableDiffusionXL) and torch_dtype == torch.float16
-            and vae_name and modules[vae_name].config.get("force_upcast", False)):
-        modules[vae_name].float()
-    denoiser_name = family.denoiser_name if family else ("transformer" if "transformer" in modules else "unet")
+    denoiser_name = family.denoiser_name
     if denoiser_name not in modules or vae_name is None:
         raise PlanUnavailable(f"model.pretrained: '{pretrained}' ({class_name}) has no {denoiser_name} or no VAE "
                               "to plan for")
     text_encoders = [n for n in modules if n.startswith("text_encoder")]
     weight_bytes = {name: _module_bytes(m) for name, m in modules.items()}
-    targets = list(lora_targets) or (family.default_lora_targets if family else FALLBACK_LORA_TARGETS[denoiser_name])
+    targets = list(lora_targets) or family.default_lora_targets
     try:
         with torch.device("meta"):  # peft would make the LoRA layers on the CPU, then move them
             attach_lora(modules[denoiser_name], lora_rank, lora_alpha, targets, seed=0)
@@ -457,7 +443,7 @@ def meta_model(pretrained: str, revision: str | None, dtype: str, lora_rank: int
         raise ConfigError(f"lora.target_modules: {targets} on the {denoiser_name} of '{pretrained}': "
                           f"{str(err).splitlines()[0][:200]}") from None
     lora_params = sum(p.numel() for p in modules[denoiser_name].parameters() if p.requires_grad)
-    return MetaModel(class_name, source, modules, denoiser_name, text_encoders, vae_name, weight_bytes,
+    return MetaModel(class_name, family, source, modules, denoiser_name, text_encoders, vae_name, weight_bytes,
                      lora_params, targets)
 
 
@@ -475,71 +461,37 @@ class Shapes:
     text_tokens: int  # the conditioning's sequence length as the denoiser sees it
 
 
-def vae_scale_factor(vae: torch.nn.Module) -> int:
-    """Image pixels per latent pixel, as the pipelines compute it."""
-    if "temperal_downsample" in vae.config:  # AutoencoderKLQwenImage (QwenImagePipeline)
-        return 2 ** len(vae.config.temperal_downsample)
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_scale_factor(model: MetaModel) -> int:
+    """Image pixels per latent pixel, as the model's pipeline computes it (its family's rule)."""
+    return model.family.vae_scale_factor(model.vae.config)
 
 
-def latent_channels(vae: torch.nn.Module) -> int:
-    return vae.config.get("latent_channels") or vae.config.get("z_dim")
+def latent_channels(model: MetaModel) -> int:
+    return model.family.latent_channels(model.vae.config)
 
 
 def text_tokens(model: MetaModel, pretrained: str, max_sequence_length: int | None) -> int:
-    """The conditioning's tokens: CLIP's 77 for the UNets; for SD3, CLIP's 77 then the T5 tokens
-    (zeros without T5); for FLUX and Qwen-Image the T5 / Qwen2.5-VL tokens."""
+    """The conditioning's tokens as the family's denoiser sees them, from the CLIP encoder's
+    (77) and the other's (T5, Qwen2.5-VL): the config's, a builtin's, or the family's default."""
     from ddpo.pipeline import BUILTIN_MAX_SEQUENCE_LENGTH
 
-    denoiser = type(model.denoiser).__name__
     clip = 77
     for name in model.text_encoder_names:
         config = model.modules[name].config
         if getattr(config, "model_type", "") == "clip_text_model":
             clip = config.max_position_embeddings
-    if denoiser == "UNet2DConditionModel":
-        return clip
-    family = _family(model.class_name)
     length = (max_sequence_length or BUILTIN_MAX_SEQUENCE_LENGTH.get(pretrained)
-              or getattr(family, "max_sequence_length", None) or DEFAULT_SEQUENCE_LENGTH.get(denoiser, 256))
-    return clip + length if denoiser == "SD3Transformer2DModel" else length
+              or getattr(model.family, "max_sequence_length", None))
+    return model.family.text_tokens(clip, length)
 
 
-def _denoiser_inputs(denoiser: torch.nn.Module, batch: int, shapes: Shapes) -> dict:
-    """The denoiser's keyword arguments on meta, as the families call it (ddpo/families/*.py)."""
-    meta, dtype, config = "meta", denoiser.dtype, denoiser.config
-    h, w, c = shapes.latent_height, shapes.latent_width, shapes.latent_channels
-    timestep = torch.empty(batch, device=meta)
-    kind = type(denoiser).__name__
-    if kind == "UNet2DConditionModel":
-        inputs = {"sample": torch.empty(batch, config.in_channels, h, w, device=meta, dtype=dtype),
-                  "timestep": timestep,
-                  "encoder_hidden_states": torch.empty(batch, shapes.text_tokens, config.cross_attention_dim,
-                                                       device=meta, dtype=dtype)}
-        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and the 6 time ids
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            inputs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device=meta, dtype=dtype),
-                                           "time_ids": torch.empty(batch, 6, device=meta, dtype=dtype)}
-        return inputs
-    text = torch.empty(batch, shapes.text_tokens, config.joint_attention_dim, device=meta, dtype=dtype)
-    if kind == "SD3Transformer2DModel":
-        return {"hidden_states": torch.empty(batch, c, h, w, device=meta, dtype=dtype), "timestep": timestep,
-                "encoder_hidden_states": text,
-                "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device=meta, dtype=dtype)}
-    tokens = (h // 2) * (w // 2)  # 2x2 patches packed into tokens of 4C channels
-    packed = torch.empty(batch, tokens, config.in_channels, device=meta, dtype=dtype)
-    if kind == "FluxTransformer2DModel":
-        return {"hidden_states": packed, "timestep": timestep, "encoder_hidden_states": text,
-                "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device=meta, dtype=dtype),
-                "guidance": torch.empty(batch, device=meta) if config.guidance_embeds else None,
-                "txt_ids": torch.empty(shapes.text_tokens, 3, device=meta, dtype=dtype),
-                "img_ids": torch.empty(tokens, 3, device=meta, dtype=dtype)}
-    if kind == "QwenImageTransformer2DModel":
-        return {"hidden_states": packed, "timestep": timestep, "encoder_hidden_states": text,
-                "encoder_hidden_states_mask": None,  # no padding: the family passes none
-                "img_shapes": [[(1, h // 2, w // 2)]] * batch}
-    raise PlanUnavailable(f"model.pretrained: no memory plan for a {kind} denoiser (the planner traces the UNet, "
-                          "SD3, FLUX and Qwen-Image transformers)")
+def _denoiser_inputs(family, denoiser: torch.nn.Module, batch: int, shapes: Shapes) -> dict:
+    """The denoiser's keyword arguments on meta, as its family calls it (ddpo/families/*.py)."""
+    try:
+        return family.meta_inputs(denoiser, batch, shapes)
+    except NotImplementedError:
+        raise PlanUnavailable(f"model.pretrained: no memory plan for {family.__name__} (its family module has no "
+                              "meta_inputs)") from None
 
 
 def _trace(module: torch.nn.Module, run, inputs: dict, grad: bool) -> tuple[int, LiveBytes]:
@@ -557,13 +509,14 @@ def _trace(module: torch.nn.Module, run, inputs: dict, grad: bool) -> tuple[int,
     return live.peak(), live
 
 
-def sampling_bytes(denoiser: torch.nn.Module, batch: int, shapes: Shapes) -> int:
+def sampling_bytes(family, denoiser: torch.nn.Module, batch: int, shapes: Shapes) -> int:
     """The peak of one denoiser forward without grad (a sampling step) on `batch` latents."""
-    peak, _ = _trace(denoiser, lambda kw: denoiser(**kw).sample, _denoiser_inputs(denoiser, batch, shapes), False)
+    inputs = _denoiser_inputs(family, denoiser, batch, shapes)
+    peak, _ = _trace(denoiser, lambda kw: denoiser(**kw).sample, inputs, False)
     return peak
 
 
-def training_bytes(denoiser: torch.nn.Module, batch: int, shapes: Shapes, gradient_checkpointing: bool,
+def training_bytes(family, denoiser: torch.nn.Module, batch: int, shapes: Shapes, gradient_checkpointing: bool,
                    reference_forward: bool = False) -> int:
     """The peak of one training forward + backward on `batch` latents: the LoRA trainable, the
     base frozen (ddpo/lora.py), the inputs not requiring grad; the LoRA's gradients left out
@@ -582,7 +535,7 @@ def training_bytes(denoiser: torch.nn.Module, batch: int, shapes: Shapes, gradie
         denoiser.enable_gradient_checkpointing()
     try:
         denoiser.train()
-        _, live = _trace(denoiser, run, _denoiser_inputs(denoiser, batch, shapes), True)
+        _, live = _trace(denoiser, run, _denoiser_inputs(family, denoiser, batch, shapes), True)
     finally:
         denoiser.eval()
         if gradient_checkpointing:
@@ -595,11 +548,9 @@ def training_bytes(denoiser: torch.nn.Module, batch: int, shapes: Shapes, gradie
     return live.peak(frozenset(grads))
 
 
-def decode_bytes(vae: torch.nn.Module, batch: int, shapes: Shapes) -> int:
-    """The peak of one VAE decode of `batch` latents (no grad)."""
-    spatial = (shapes.latent_height, shapes.latent_width)
-    frames = (1,) if "temperal_downsample" in vae.config else ()  # the Qwen-Image VAE decodes video frames
-    latents = torch.empty(batch, latent_channels(vae), *frames, *spatial, device="meta", dtype=vae.dtype)
+def decode_bytes(family, vae: torch.nn.Module, batch: int, shapes: Shapes) -> int:
+    """The peak of one VAE decode of `batch` latents (no grad), as the family decodes."""
+    latents = family.meta_vae_input(batch, shapes, vae.dtype)
     peak, _ = _trace(vae, lambda kw: vae.decode(kw["z"]).sample, {"z": latents}, False)
     return peak
 
@@ -609,10 +560,10 @@ def _cached_trace(key: tuple, what: str, batch: int, shapes: Shapes, checkpointi
                   reference_forward: bool = False) -> int:
     model = meta_model(*key)
     if what == "decode":
-        return decode_bytes(model.vae, batch, shapes)
+        return decode_bytes(model.family, model.vae, batch, shapes)
     if what == "sampling":
-        return sampling_bytes(model.denoiser, batch, shapes)
-    return training_bytes(model.denoiser, batch, shapes, checkpointing, reference_forward)
+        return sampling_bytes(model.family, model.denoiser, batch, shapes)
+    return training_bytes(model.family, model.denoiser, batch, shapes, checkpointing, reference_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,11 +679,8 @@ class MemoryPlan:
                 "(cluster.device_memory_gb or --gpu-memory): " + "; ".join(knobs) + " (see `ddpo plan`)")
 
 
-def _uses_cfg(class_name: str, guidance_scale: float) -> bool:
+def _uses_cfg(family, guidance_scale: float) -> bool:
     """Whether guidance doubles the denoiser's batch: the family's answer (FLUX: never)."""
-    family = _family(class_name)
-    if family is None:
-        return guidance_scale > 1.0
     return family.uses_cfg(object.__new__(family), guidance_scale)
 
 
@@ -750,7 +698,7 @@ def _counts(config: Config, num_devices: int | None, notes: list[str]) -> tuple[
     return layout, samplers, learners
 
 
-def _prompt_cache_bytes(config: Config, denoiser: torch.nn.Module, shapes: Shapes, cfg: bool) -> int:
+def _prompt_cache_bytes(config: Config, family, denoiser: torch.nn.Module, shapes: Shapes, cfg: bool) -> int:
     """The conditioning rows the prompt cache keeps on the device (ddpo/families PromptCache): one
     per prompt of the run and the empty prompt's, at most `model.prompt_cache_size`; a row is the
     denoiser's text inputs for one latent."""
@@ -759,10 +707,8 @@ def _prompt_cache_bytes(config: Config, denoiser: torch.nn.Module, shapes: Shape
     except ConfigError:  # a prompt file not here: the cache full
         prompts = config.model.prompt_cache_size
     rows = min(config.model.prompt_cache_size, prompts + (1 if cfg else 0))
-    inputs = _denoiser_inputs(denoiser, 1, shapes)
-    text = [inputs.get(k) for k in ("encoder_hidden_states", "pooled_projections")]
-    text += list(inputs.get("added_cond_kwargs", {}).values())[:1]  # SDXL's pooled embedding (not the time ids)
-    return rows * sum(t.numel() * t.element_size() for t in text if t is not None)
+    text = family.meta_conditioning(_denoiser_inputs(family, denoiser, 1, shapes))
+    return rows * sum(t.numel() * t.element_size() for t in text)
 
 
 def plan_memory(config: Config, device_memory_bytes: int | None = None, num_devices: int | None = None) -> MemoryPlan:
@@ -784,18 +730,17 @@ def plan_for(config: Config, pretrained: str, device_memory_bytes: int | None = 
     m, s, t = config.model, config.sample, config.train
     key = (pretrained, revision, m.dtype, config.lora.rank, config.lora.alpha, tuple(config.lora.target_modules))
     model = meta_model(*key)
-    vae = model.vae
-    scale = vae_scale_factor(vae)
-    shapes = Shapes(latent_channels(vae), s.height // scale, s.width // scale,
+    scale = vae_scale_factor(model)
+    shapes = Shapes(latent_channels(model), s.height // scale, s.width // scale,
                     text_tokens(model, pretrained, m.max_sequence_length))
-    if model.class_name == "QwenImagePipeline" and m.max_sequence_length is None:
-        notes.append(f"Qwen-Image conditions on the prompt's own tokens: planned for {shapes.text_tokens} "
-                     "(model.max_sequence_length sets it)")
-    cfg = _uses_cfg(model.class_name, s.guidance_scale)
+    if model.family.sequence_masks and m.max_sequence_length is None:  # as long as the prompt, to a maximum
+        notes.append(f"{model.family.__name__} conditions on the prompt's own tokens: planned for "
+                     f"{shapes.text_tokens} (model.max_sequence_length sets it)")
+    cfg = _uses_cfg(model.family, s.guidance_scale)
     layout, num_samplers, num_learners = _counts(config, num_devices, notes)
     nft = t.algorithm == "diffusion_nft"
     lora_bytes = model.lora_params * 4
-    prompt_cache = _prompt_cache_bytes(config, model.denoiser, shapes, cfg)
+    prompt_cache = _prompt_cache_bytes(config, model.family, model.denoiser, shapes, cfg)
 
     def sampler_figures():
         batch = s.batch_size * (2 if cfg else 1)

@@ -1,9 +1,13 @@
 """Loading the diffusion pipeline: a diffusers folder or hub id, a tiny one built in code, or an
-embedded one shipped in `ddpo/assets/`."""
+embedded one shipped in `ddpo/assets/`. Whatever the source, its family comes from its
+`model_index.json` (a builtin built in code: the one of the pipeline it builds)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -16,7 +20,7 @@ from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ddpo.errors import DeviceError, ModelLoadError, one_line
+from ddpo.errors import ConfigError, DeviceError, ModelLoadError, one_line
 from ddpo.families import ModelFamily, PromptCache, family_named
 
 BUILTIN_TINY = "builtin:tiny"
@@ -130,18 +134,33 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
+# builtin models built in code, by name: a function of the seed that builds the pipeline
+BUILTIN_BUILDERS = {BUILTIN_TINY: build_tiny_pipeline}
+
+
+def meta_pipeline(pretrained: str):
+    """A builtin model built in code (BUILTIN_BUILDERS) on the meta device: its components'
+    configs and shapes without weights, the global random state left as it was. None for any
+    other model."""
+    build = BUILTIN_BUILDERS.get(pretrained)
+    if build is None:
+        return None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return build()
+
+
 def check_pretrained(pretrained: str, revision: str | None = None) -> str:
     """Fail fast, in one line, when `model.pretrained` names nothing loadable: a local folder
     must hold a diffusers `model_index.json`; a hub id must resolve (or be in the local cache).
     Returns the source to hand to `load_pipeline` (builtin names stay as they are)."""
-    if pretrained == BUILTIN_TINY:
+    if pretrained in BUILTIN_BUILDERS:
         return pretrained
     if pretrained in BUILTIN_FOLDERS:
         check_pretrained(str(BUILTIN_FOLDERS[pretrained]))
         return pretrained
     if pretrained.startswith("builtin:"):
         raise ModelLoadError(f"model.pretrained: unknown '{pretrained}'; the builtin models are "
-                             f"{[BUILTIN_TINY, *BUILTIN_FOLDERS]}")
+                             f"{[*BUILTIN_BUILDERS, *BUILTIN_FOLDERS]}")
     local = Path(pretrained).expanduser()
     if local.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
         if not (local / "model_index.json").is_file():
@@ -177,11 +196,11 @@ def load_pipeline(
     torch_dtype = getattr(torch, dtype)
     if max_sequence_length is None:
         max_sequence_length = BUILTIN_MAX_SEQUENCE_LENGTH.get(pretrained)
-    if pretrained == BUILTIN_TINY:
-        pipe = build_tiny_pipeline(seed)
+    if pretrained in BUILTIN_BUILDERS:
+        pipe = BUILTIN_BUILDERS[pretrained](seed)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
-        family = family_named(type(pipe).__name__)
+        family = _family_in(pretrained, {"_class_name": type(pipe).__name__})
     else:
         source = check_pretrained(pretrained, revision)
         source = str(BUILTIN_FOLDERS.get(source, source))
@@ -223,14 +242,32 @@ def load_pipeline(
 
 
 def model_index(source: str, revision: str | None = None) -> dict:
-    """A diffusers pipeline's model_index.json (a local folder's, or a hub repo's)."""
-    import json
-
+    """A diffusers pipeline's model_index.json: a local folder's, a hub repo's, a builtin's (its
+    folder's, or for one built in code, that of the pipeline it builds)."""
+    built = meta_pipeline(source)
+    if built is not None:
+        return {"_class_name": type(built).__name__,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in built.config.items() if not k.startswith("_")}}
+    source = str(BUILTIN_FOLDERS.get(source, source))
     if Path(source).is_dir():
         return json.loads((Path(source) / "model_index.json").read_text())
     from huggingface_hub import hf_hub_download
 
     return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision)).read_text())
+
+
+def component_config(source: str, name: str, revision: str | None = None) -> Mapping[str, Any]:
+    """The config of one of a pipeline's components (`vae`, `unet`, ...), from wherever
+    `model_index` reads the pipeline's."""
+    built = meta_pipeline(source)
+    if built is not None:
+        return dict(getattr(built, name).config)
+    source = str(BUILTIN_FOLDERS.get(source, source))
+    if Path(source).is_dir():
+        return json.loads((Path(source) / name / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(source, f"{name}/config.json", revision=revision)).read_text())
 
 
 def _family_in(pretrained: str, index: dict) -> type[ModelFamily]:
@@ -242,21 +279,24 @@ def _family_in(pretrained: str, index: dict) -> type[ModelFamily]:
         raise ModelLoadError(f"model.pretrained: '{pretrained}': {err}") from None
 
 
-def check_family_settings(config, family: type[ModelFamily] | None = None) -> None:
+def check_family_settings(config, model: ModelFamily | None = None) -> None:
     """Refuse, with a ConfigError naming the field, settings that the model's family cannot
-    honour (an SDE window, CPS or DiffusionNFT on a DDIM model). Without `family` (before the
-    model is loaded) it reads only model_index.json."""
-    from ddpo.config import ConfigError
-
-    pretrained = config.model.pretrained
-    if family is None and pretrained == BUILTIN_TINY:
-        family = family_named("StableDiffusionPipeline")  # build_tiny_pipeline's
-    elif family is None:
-        family = _family_in(pretrained, model_index(str(BUILTIN_FOLDERS.get(pretrained, pretrained)),
-                                                    config.model.revision))
+    honour (`ModelFamily.check_config`: another step's settings, DiffusionNFT on a DDIM model,
+    an image size off its multiple). Without `model` (before it loads) it reads the model's
+    configs alone: its model_index.json and its components' config.json."""
+    pretrained, revision = config.model.pretrained, config.model.revision
+    if model is None:
+        family = _family_in(pretrained, model_index(pretrained, revision))
+        try:
+            multiple = family.size_multiple(lambda name: component_config(pretrained, name, revision))
+        except Exception:  # a hub model's configs out of reach here: its size is checked where it loads
+            multiple = None
+    else:
+        family = type(model)
+        multiple = family.size_multiple(lambda name: getattr(model.pipe, name).config)
     try:
-        family.check_config(config)
-    except ValueError as err:
+        family.check_config(config, multiple)
+    except ConfigError as err:
         raise ConfigError(f"{err} (model.pretrained '{pretrained}' is a {family.__name__} model)") from None
 
 
@@ -270,7 +310,7 @@ def load_policy(config) -> ModelFamily:
     model = load_pipeline(config.model.pretrained, config.model.revision, config.model.device,
                           config.model.dtype, seed=config.seed,
                           max_sequence_length=config.model.max_sequence_length)
-    check_family_settings(config, type(model))
+    check_family_settings(config, model)
     lora = config.lora
     attach_lora(model.denoiser, lora.rank, lora.alpha, lora.target_modules or model.default_lora_targets,
                 seed=config.seed)

@@ -18,7 +18,7 @@ class SampleBatchSpec:
     batch_id: str
     prompts: list[str]
     seeds: list[int]
-    sde_start: int = 0  # the first step of the SDE window (sample.sde_window > 0)
+    sde_start: int = 0  # the first step of the SDE window (sample.flow.sde_window > 0)
 
 
 def sde_steps(config: Config, sde_start: int) -> range:
@@ -27,22 +27,22 @@ def sde_steps(config: Config, sde_start: int) -> range:
     which samples by the ODE and trains on the final images)."""
     if config.train.algorithm == "diffusion_nft":
         return range(0)
-    s = config.sample
-    return range(sde_start, sde_start + s.sde_window) if s.sde_window else range(s.num_steps)
+    window = config.sample.flow.sde_window
+    return range(sde_start, sde_start + window) if window else range(config.sample.num_steps)
 
 
 def _window_start(config: Config, epoch: int, rng: np.random.Generator) -> int:
     """Where the SDE window starts this sample batch: drawn uniformly so that the window lies in
-    `sde_window_range` (Flow-GRPO-Fast), or sliding from the range's first step by
+    `sample.flow.sde_window_range` (Flow-GRPO-Fast), or sliding from the range's first step by
     `sde_window_shift` every `sde_window_interval` epochs, then staying at its end (MixGRPO)."""
-    s = config.sample
-    if not s.sde_window:
+    f = config.sample.flow
+    if not f.sde_window:
         return 0
-    first, end = s.sde_window_range
-    last_start = end - s.sde_window
-    if s.sde_window_schedule == "random":
+    first, end = f.sde_window_range
+    last_start = end - f.sde_window
+    if f.sde_window_schedule == "random":
         return int(rng.integers(first, last_start + 1))
-    return min(first + s.sde_window_shift * (epoch // s.sde_window_interval), last_start)
+    return min(first + f.sde_window_shift * (epoch // f.sde_window_interval), last_start)
 
 
 def _group_prompts(config: Config, prompts: list[str], rng: np.random.Generator) -> list[str]:
@@ -85,5 +85,5 @@ def eval_plan(config: Config, prompts: list[str]) -> SampleBatchSpec:
         batch_id="eval",
         prompts=[prompts[i % len(prompts)] for i in range(num_images)],
         seeds=[2**62 + config.seed * num_images + i for i in range(num_images)],
-        sde_start=config.sample.sde_window_range[0],
+        sde_start=config.sample.flow.sde_window_range[0],
     )

@@ -22,7 +22,7 @@ import torch
 from ddpo.media import Media
 
 if TYPE_CHECKING:  # the reward actors read trajectories without importing diffusers
-    from ddpo.diffusion import Trajectories
+    from ddpo.rollout import Trajectories
 
 LATENTS = "latents"
 MEDIA = "media"  # the samples' files; the field's metadata names the medium and a video's fps
@@ -72,7 +72,7 @@ def to_record_batch(trajectories: Trajectories, batch_id: str, policy_version: i
         **log_probs,
         LATENTS: _tensor_column(latents.numpy()),
     }
-    media_field, media = media_column(Media.from_images(trajectories.images))
+    media_field, media = media_column(trajectories.media)
     fields = [pa.field(name, column.type) for name, column in columns.items()]
     return pa.RecordBatch.from_arrays([*columns.values(), media], schema=pa.schema([*fields, media_field]))
 

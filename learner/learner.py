@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, clip_advantages, group_advantages
 from ddpo.config import Config, TrainConfig
-from ddpo.diffusion import step_log_prob
+from ddpo.rollout import step_log_prob
 from ddpo.families import take
 from ddpo.lora import (
     LoraState, active_adapter, add_adapter_copy, get_lora_state, load_lora_state, lora_parameters, reference_policy,

@@ -69,7 +69,7 @@ from transformers import (  # noqa: E402
 )
 
 from ddpo.config import load_config  # noqa: E402
-from ddpo.diffusion import sample_trajectories  # noqa: E402
+from ddpo.rollout import sample_trajectories  # noqa: E402
 from ddpo.pipeline import load_pipeline, sd_scheduler, word_level_tokenizer  # noqa: E402
 from rewards.digits import (  # noqa: E402
     DIGIT_WORDS, DigitClassifier, DigitJudge, DigitNeighbours, judge_input, load_judge, prompted_digit,
@@ -264,7 +264,7 @@ def sampled_images(model_dir: Path, config_path: Path, samples_per_prompt: int) 
     samples = []
     for k, prompt in enumerate(config.load_prompts()):
         seeds = [10_000 * (k + 1) + i for i in range(samples_per_prompt)]
-        samples.append((prompt, sample_trajectories(pipe, [prompt] * len(seeds), seeds, config.sample).images))
+        samples.append((prompt, sample_trajectories(pipe, [prompt] * len(seeds), seeds, config.sample).media.images))
     return samples
 
 

@@ -38,7 +38,7 @@ def test_sd15_configs_carry_the_papers_numbers(name):
     assert config.model.pretrained in ("runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert config.model.dtype == "bfloat16"
     assert config.lora.rank == 4
-    assert (s.num_steps, s.eta, s.guidance_scale, s.height, s.width) == (50, 1.0, 5.0, 512, 512)
+    assert (s.num_steps, s.ddim.eta, s.guidance_scale, s.height, s.width) == (50, 1.0, 5.0, 512, 512)
     assert s.log_prob_reduction == "mean"
     assert config.samples_per_epoch == 256
     samples_per_step = t.batch_size * t.gradient_accumulation_steps
@@ -73,35 +73,35 @@ FLUX_LORA = ATTN + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_co
 FLOW_RECIPES = {
     "sd35_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_sd3, scripts/train_sd3.py
         "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
-        "sample.guidance_scale": 4.5, "train.cfg": True, "sample.sde_window": 0, "sample.sde_type": "flow_grpo",
-        "sample.noise_level": 0.7, "train.algorithm": "ddpo_is", "train.clip_range": 1e-4, "train.kl_coef": 0.01,
+        "sample.guidance_scale": 4.5, "train.cfg": True, "sample.flow.sde_window": 0, "sample.flow.sde_type": "flow_grpo",
+        "sample.flow.noise_level": 0.7, "train.algorithm": "ddpo_is", "train.clip_range": 1e-4, "train.kl_coef": 0.01,
         "train.timestep_fraction": 0.99, "advantage.group_size": 24, "advantage.global_std": True,
         "lora.rank": 32, "lora.alpha": 64.0, "lora.target_modules": ATTN, "model.max_sequence_length": 128,
         "optimizer_steps": 2},
     "flux_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_flux, scripts/train_flux.py
         "model.pretrained": "black-forest-labs/FLUX.1-dev", "sample.num_steps": 6, "sample.guidance_scale": 3.5,
-        "sample.sde_window": 0, "sample.sde_type": "flow_grpo", "sample.noise_level": 0.9,
+        "sample.flow.sde_window": 0, "sample.flow.sde_type": "flow_grpo", "sample.flow.noise_level": 0.9,
         "train.algorithm": "ddpo_is", "train.clip_range": 1e-4, "train.kl_coef": 0.0, "train.timestep_fraction": 0.99,
         "advantage.group_size": 24, "advantage.global_std": True, "lora.rank": 64, "lora.alpha": 128.0,
         "lora.target_modules": FLUX_LORA, "model.max_sequence_length": 128, "optimizer_steps": 2},
     "sd35_nft_pickscore.yaml": {  # NVlabs/DiffusionNFT config/nft.py sd3_pickscore
         "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
-        "sample.guidance_scale": 1.0, "sample.sde_window": 0, "train.algorithm": "diffusion_nft",
+        "sample.guidance_scale": 1.0, "sample.flow.sde_window": 0, "train.algorithm": "diffusion_nft",
         "train.nft_beta": 1.0, "train.nft_decay_rate": 0.001, "train.nft_decay_max": 0.5,
         "train.nft_adaptive_weight": True, "train.kl_coef": 1e-4, "train.timestep_fraction": 0.99,
         "advantage.group_size": 24, "advantage.global_std": True, "lora.rank": 32, "lora.alpha": 64.0,
         "lora.target_modules": ATTN, "model.max_sequence_length": 128, "optimizer_steps": 1},
     "sd35_fast_cps_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_sd3_fast_nocfg
         "model.pretrained": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10,
-        "sample.guidance_scale": 1.0, "train.cfg": False, "sample.sde_window": 3, "sample.sde_window_range": [0, 5],
-        "sample.sde_window_schedule": "random", "sample.sde_type": "cps", "sample.noise_level": 0.8,
+        "sample.guidance_scale": 1.0, "train.cfg": False, "sample.flow.sde_window": 3, "sample.flow.sde_window_range": [0, 5],
+        "sample.flow.sde_window_schedule": "random", "sample.flow.sde_type": "cps", "sample.flow.noise_level": 0.8,
         "train.algorithm": "ddpo_is", "train.clip_range": 1e-5, "train.kl_coef": 0.0, "train.timestep_fraction": 1.0,
         "advantage.group_size": 18, "advantage.global_std": True, "lora.rank": 32, "lora.alpha": 64.0,
         "lora.target_modules": ATTN, "model.max_sequence_length": 128, "optimizer_steps": 2},
     "flux_fast_pickscore.yaml": {  # yifan123/flow_grpo config/grpo.py pickscore_flux_fast
         "model.pretrained": "black-forest-labs/FLUX.1-dev", "sample.num_steps": 6, "sample.guidance_scale": 3.5,
-        "sample.sde_window": 3, "sample.sde_window_range": [0, 3], "sample.sde_type": "cps",
-        "sample.noise_level": 0.8, "train.algorithm": "ddpo_is", "train.clip_range": 1e-5, "train.kl_coef": 0.0,
+        "sample.flow.sde_window": 3, "sample.flow.sde_window_range": [0, 3], "sample.flow.sde_type": "cps",
+        "sample.flow.noise_level": 0.8, "train.algorithm": "ddpo_is", "train.clip_range": 1e-5, "train.kl_coef": 0.0,
         "train.timestep_fraction": 1.0, "advantage.group_size": 24, "advantage.global_std": False,
         "lora.rank": 64, "lora.alpha": 128.0, "model.max_sequence_length": 128, "optimizer_steps": 2,
         "lora.target_modules": FLUX_LORA},
@@ -168,8 +168,8 @@ def test_the_qwenimage_config_carries_the_published_recipe():
     config = load_config(CONFIGS / "qwenimage_pickscore.yaml")
     s, t, a = config.sample, config.train, config.advantage
     assert config.model.pretrained == "Qwen/Qwen-Image"
-    assert (s.num_steps, s.guidance_scale, s.noise_level, s.height, s.width) == (10, 4.0, 1.2, 512, 512)
-    assert (s.sde_type, s.sde_window, s.sde_window_range) == ("flow_grpo", 2, [0, 5])
+    assert (s.num_steps, s.guidance_scale, s.flow.noise_level, s.height, s.width) == (10, 4.0, 1.2, 512, 512)
+    assert (s.flow.sde_type, s.flow.sde_window, s.flow.sde_window_range) == ("flow_grpo", 2, [0, 5])
     assert (config.samples_per_epoch, a.mode, a.group_size, a.global_std) == (512, "group", 16, True)
     assert config.samples_per_epoch // (t.batch_size * t.gradient_accumulation_steps) == 2
     assert (t.algorithm, t.learning_rate, t.clip_range, t.kl_coef, t.cfg, t.timestep_fraction) == (

@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ddpo.config import SampleConfig
-from ddpo.diffusion import ddim_step_with_logprob, sample_trajectories, step_log_prob
+from ddpo.config import DDIMConfig, SampleConfig
+from ddpo.ddim import ddim_step_with_logprob
+from ddpo.rollout import sample_trajectories, step_log_prob
 from ddpo.families import family_of
 from ddpo.pipeline import build_tiny_pipeline
 from tests.float_error import EPS, gaussian_log_prob_error
@@ -42,7 +43,7 @@ class ReferenceStep(NamedTuple):
 
 def _reference_step(scheduler, model_output, timesteps, x_t, eta):
     """The DDIM step's Gaussian in float64 from the definitions, written out independently of
-    ddpo/diffusion.py and diffusers, and the error a float32 evaluation of it may have."""
+    ddpo/ddim.py and diffusers, and the error a float32 evaluation of it may have."""
     c = scheduler.config
     view = (-1,) + (1,) * (x_t.ndim - 1)
     t = torch.as_tensor(timesteps).expand(len(x_t))
@@ -159,11 +160,11 @@ def test_scoring_a_given_sample_gives_its_sampling_log_prob():
 def test_stored_and_recomputed_log_probs_agree(pipe):
     """|ratio - 1| < 1e-4 in float32 for every step of every sample, with guidance."""
     prompts, seeds = ["a cat", "a dog", "a bird"], [1, 2, 3]
-    sample = SampleConfig(num_steps=6, guidance_scale=5.0, eta=1.0, height=32, width=32)
+    sample = SampleConfig(num_steps=6, guidance_scale=5.0, height=32, width=32, ddim=DDIMConfig(eta=1.0))
     traj = sample_trajectories(pipe, prompts, seeds, sample)
     assert traj.latents.shape == (3, 7, 4, 16, 16)
     assert traj.log_probs.shape == (3, 6) and traj.timesteps.shape == (3, 6)
-    assert traj.images.shape == (3, 32, 32, 3) and traj.images.dtype == np.uint8
+    assert traj.media.images.shape == (3, 32, 32, 3) and traj.media.images.dtype == np.uint8
     cond, negative = pipe.encode(prompts, with_negative=True)
     with torch.no_grad():
         for j in range(6):
@@ -175,12 +176,12 @@ def test_stored_and_recomputed_log_probs_agree(pipe):
 
 
 def test_sampling_is_seeded_and_independent_of_batch_composition(pipe):
-    sample = SampleConfig(num_steps=3, guidance_scale=3.0, eta=1.0, height=32, width=32)
+    sample = SampleConfig(num_steps=3, guidance_scale=3.0, height=32, width=32, ddim=DDIMConfig(eta=1.0))
     a = sample_trajectories(pipe, ["a cat", "a dog"], [7, 8], sample)
     b = sample_trajectories(pipe, ["a cat", "a dog"], [7, 8], sample)
     c = sample_trajectories(pipe, ["a dog"], [8], sample)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
-    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.media.images, b.media.images)
     # another batch size may take other float32 kernels in the UNet: per step, its output moves by
     # up to K eps of the latents' size, K = 3072 its longest sum (GroupNorm over 12 channels x 16 x 16)
     tolerance = 3 * 3072 * EPS * float(a.latents.abs().max())

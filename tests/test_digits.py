@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from ddpo.config import SampleConfig
-from ddpo.diffusion import sample_trajectories
+from ddpo.config import DDIMConfig, FlowConfig, SampleConfig
+from ddpo.rollout import sample_trajectories
 from ddpo.pipeline import (
     BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, ModelLoadError, check_pretrained, load_pipeline,
 )
@@ -50,8 +50,8 @@ def test_the_embedded_model_loads_through_from_pretrained_and_samples_offline():
     pipe = load_pipeline("builtin:digits")
     assert pipe.pipe.name_or_path == str(BUILTIN_FOLDERS["builtin:digits"])  # from_pretrained's folder
     assert pipe.denoiser.dtype == torch.float32
-    sample = SampleConfig(num_steps=4, guidance_scale=3.0, eta=1.0, height=16, width=16)
-    images = sample_trajectories(pipe, ["a handwritten digit three", ""], [0, 1], sample).images
+    sample = SampleConfig(num_steps=4, guidance_scale=3.0, height=16, width=16, ddim=DDIMConfig(eta=1.0))
+    images = sample_trajectories(pipe, ["a handwritten digit three", ""], [0, 1], sample).media.images
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     assert images.std() > 20  # ink on paper, not a flat or noise image
     with pytest.raises(ModelLoadError, match=r"^model.pretrained: unknown 'builtin:digit'; the builtin models are"):
@@ -68,10 +68,10 @@ def test_the_embedded_flow_model_is_an_sd3_pipeline_that_loads_and_samples_offli
     assert model.pipe.tokenizer_max_length == model.pipe.tokenizer_2.model_max_length == trained["tokenizer_max_length"]
     cond, _ = model.encode(["the number 7 written by hand"], with_negative=False)
     assert cond["prompt_embeds"].shape[1] == trained["tokenizer_max_length"] + trained["max_sequence_length"]
-    sample = SampleConfig(num_steps=4, guidance_scale=1.0, noise_level=0.7, height=16, width=16)
+    sample = SampleConfig(num_steps=4, guidance_scale=1.0, height=16, width=16, flow=FlowConfig(noise_level=0.7))
     traj = sample_trajectories(model, ["a handwritten digit three", "a handwritten digit seven"], [0, 1], sample)
     assert traj.timesteps.dtype == torch.float32 and traj.latents.shape == (2, 5, 4, 8, 8)
-    assert traj.images.std() > 20  # ink on paper
+    assert traj.media.images.std() > 20  # ink on paper
 
 
 def test_the_embedded_models_load_in_plain_diffusers_with_no_dtype_on_cpu():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo.config import SampleConfig
-from ddpo.diffusion import sample_trajectories, step_log_prob
+from ddpo.config import DDIMConfig, FlowConfig, SampleConfig
+from ddpo.rollout import sample_trajectories, step_log_prob
 from ddpo.families import concat
 from ddpo.lora import attach_lora, lora_parameters, save_lora
 from ddpo.pipeline import ModelLoadError, build_tiny_pipeline, load_pipeline
@@ -39,7 +39,7 @@ def test_the_family_comes_from_model_index_and_samples_as_its_pipeline(folders, 
     same prompts, guidance, initial noise, schedule and decoding give the same images."""
     model = load_pipeline(folders[name])
     assert type(model).__name__ == FAMILIES[name][0]
-    quiet = SampleConfig(**{**SAMPLE.__dict__, "eta": 1e-6, "noise_level": 1e-6})
+    quiet = SampleConfig(**{**SAMPLE.__dict__, "ddim": DDIMConfig(eta=1e-6), "flow": FlowConfig(noise_level=1e-6)})
     trajectories = sample_trajectories(model, PROMPTS, SEEDS, quiet)
     extra = {"eta": 0.0} if name in ("sd", "sdxl") else {}
     if name == "qwenimage":  # true CFG: the negative prompt's pass, rescaled to the conditional norm
@@ -52,7 +52,7 @@ def test_the_family_comes_from_model_index_and_samples_as_its_pipeline(folders, 
                           generator=[torch.Generator().manual_seed(s) for s in SEEDS], **guidance, **extra).images
 
     # our uint8 rounding (0.5/255) and float32 differences between the two samplers, far below 1/255
-    assert np.abs(trajectories.images.astype(np.float64) / 255 - pipe("np")).max() <= 1.5 / 255
+    assert np.abs(trajectories.media.images.astype(np.float64) / 255 - pipe("np")).max() <= 1.5 / 255
     if name == "qwenimage":
         # the tiny video VAE all but hides its latents (guidance or none moves the images by about
         # 1/255): x_0 itself agrees, to the step noise left (noise_level 1e-6) and float32 rounding
@@ -109,14 +109,15 @@ def test_stored_and_recomputed_log_probs_agree(folders, name):
 
 
 def test_concat_pads_unequal_sequences_with_zeros():
-    """Joining conditionings pads sequences (and their masks) with zeros to the longest; equal
-    lengths join exactly as torch.cat."""
+    """Joining conditionings pads sequences with a mask (and their masks) with zeros to the
+    longest; equal lengths join exactly as torch.cat; unequal ones without a mask are refused."""
     g = torch.Generator().manual_seed(0)
     short = {"prompt_embeds": torch.randn(2, 3, 4, generator=g),
              "prompt_embeds_mask": torch.ones(2, 3, dtype=torch.long), "pooled": torch.randn(2, 5, generator=g)}
     long = {"prompt_embeds": torch.randn(1, 5, 4, generator=g),
             "prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long), "pooled": torch.randn(1, 5, generator=g)}
-    joined = concat([short, long])
+    masks = {"prompt_embeds": "prompt_embeds_mask"}
+    joined = concat([short, long], masks)
     assert joined["prompt_embeds"].shape == (3, 5, 4)
     assert torch.equal(joined["prompt_embeds"][:2, :3], short["prompt_embeds"])
     assert torch.equal(joined["prompt_embeds"][:2, 3:], torch.zeros(2, 2, 4))
@@ -126,6 +127,11 @@ def test_concat_pads_unequal_sequences_with_zeros():
     same = concat([short, short])
     assert all(torch.equal(same[k], torch.cat([short[k], short[k]])) for k in short)
     assert concat([None, None]) is None
+    with pytest.raises(ValueError, match=r"^conditioning 'prompt_embeds': shapes .* differ and no attention mask"):
+        concat([short, long])  # zeros there would be attended to
+    unmasked = [{"prompt_embeds": short["prompt_embeds"]}, {"prompt_embeds": long["prompt_embeds"]}]
+    with pytest.raises(ValueError, match=r"its attention mask 'prompt_embeds_mask' is not in the conditioning"):
+        concat(unmasked, masks)
 
 
 def test_qwenimage_padding_is_never_attended(folders):
@@ -135,7 +141,7 @@ def test_qwenimage_padding_is_never_attended(folders):
     model = load_pipeline(folders["qwenimage"])
     prompts = ["a cat", "a small red dog riding a bike", "horse"]
     encoded = [model.encode([prompt], with_negative=True) for prompt in prompts]
-    cond, negative = concat([e[0] for e in encoded]), concat([e[1] for e in encoded])
+    cond, negative = model.concat([e[0] for e in encoded]), model.concat([e[1] for e in encoded])
     # each prompt's tokens and the template's 5 after it, then the mask's zeros
     assert cond["prompt_embeds_mask"].sum(dim=1).tolist() == [7, 12, 6]
     timesteps = model.set_timesteps(3, 32, 32)
@@ -158,11 +164,11 @@ def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name
     save_lora(trained, tmp_path)
 
     fresh = load_pipeline(folders[name])
-    plain = sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).images
+    plain = sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).media.images
     fresh.pipe.load_lora_weights(str(tmp_path))
-    expected = sample_trajectories(trained, PROMPTS, SEEDS, SAMPLE).images
+    expected = sample_trajectories(trained, PROMPTS, SEEDS, SAMPLE).media.images
     assert not np.array_equal(plain, expected)  # the LoRA changes the images...
-    np.testing.assert_array_equal(sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).images, expected)  # ...exactly
+    np.testing.assert_array_equal(sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).media.images, expected)  # ...exactly
     # and the learner reads it back for --resume
     assert trained.read_lora(tmp_path).keys() == {k.replace(".default", "") for k, _ in
                                                   trained.denoiser.named_parameters() if "lora_" in k}
@@ -170,9 +176,9 @@ def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name
 
 # FLUX with a window of 2 CPS steps in a 3-step ODE schedule, Qwen-Image with a window of 2
 # Flow-GRPO SDE steps (its published recipe's kind of window), SD3 with the SDE throughout
-WINDOW = {"flux": {"sample.num_steps": 3, "sample.sde_window": 2, "sample.sde_type": "cps",
-                   "sample.sde_window_range": "[0,2]"},
-          "qwenimage": {"sample.num_steps": 3, "sample.sde_window": 2, "sample.sde_window_range": "[0,2]"}}
+WINDOW = {"flux": {"sample.num_steps": 3, "sample.flow.sde_window": 2, "sample.flow.sde_type": "cps",
+                   "sample.flow.sde_window_range": "[0,2]"},
+          "qwenimage": {"sample.num_steps": 3, "sample.flow.sde_window": 2, "sample.flow.sde_window_range": "[0,2]"}}
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwenimage"])

@@ -132,18 +132,23 @@ def policy_version_reward(images, prompts, metadata):
     return np.array([m["policy_version"] for m in metadata], np.float64), {}
 
 
+def _guarded_config(tmp_path, action: str, num_epochs: int = 3):
+    from tests.conftest import tiny_config
+
+    name = "tests.test_guard:policy_version_reward"
+    return tiny_config(tmp_path, run_name=action, num_epochs=num_epochs, eval_images=4, eval_every=1,
+                       **{"reward.name": name, "reward.heldout": f"[{{name: '{name}', weight: -1.0}}]",
+                          "reward.heldout_action": action, "reward.heldout_tolerance": 0.5,
+                          "reward.heldout_patience": 1})
+
+
 def _guarded_run(tmp_path, action: str, num_epochs: int = 3):
     import ray
 
     from cluster.driver import Driver
     from cluster.run_dir import make_run_dir, read_metrics
-    from tests.conftest import tiny_config
 
-    name = "tests.test_guard:policy_version_reward"
-    config = tiny_config(tmp_path, run_name=action, num_epochs=num_epochs, eval_images=4, eval_every=1,
-                         **{"reward.name": name, "reward.heldout": f"[{{name: '{name}', weight: -1.0}}]",
-                            "reward.heldout_action": action, "reward.heldout_tolerance": 0.5,
-                            "reward.heldout_patience": 1})
+    config = _guarded_config(tmp_path, action, num_epochs)
     run_dir = make_run_dir(config)
     driver = Driver(config, run_dir)
     try:
@@ -158,7 +163,7 @@ def _guarded_run(tmp_path, action: str, num_epochs: int = 3):
 def test_rollback_goes_back_to_the_best_at_half_the_learning_rate_then_stops(ray_session, tmp_path, capfd):
     """`warn` differs from it only in the action taken after the same line (the rule and the line
     are tested above)."""
-    from cluster.driver import MAX_ROLLBACKS
+    from cluster.loop import MAX_ROLLBACKS
 
     driver, history, metrics, guard_lines, lr, run_dir = _guarded_run(tmp_path, "rollback")
     # epoch 1 fires every time: rolled back to epoch 0's weights MAX_ROLLBACKS times, then stopped
@@ -179,6 +184,29 @@ def test_rollback_goes_back_to_the_best_at_half_the_learning_rate_then_stops(ray
     assert "warning: epoch 1: reward hacking? the trained reward rose 1.000 -> 2.000 while the held-out " \
            "tests.test_guard:policy_version_reward fell -1.000 -> -2.000 since epoch 0" in printed[-1]
     assert printed[-1].endswith("the run stops here")
+
+
+def test_the_in_process_run_evaluates_and_rolls_back_as_the_ray_run(tmp_path, capfd):
+    """InProcessRun runs the same loop (cluster.loop): its eval batch every epoch, by both
+    rewards, and the guard's rollbacks, then its stop, as in the Ray run above."""
+    from cluster.inprocess import InProcessRun
+    from cluster.loop import MAX_ROLLBACKS
+    from cluster.run_dir import make_run_dir, read_metrics
+
+    config = _guarded_config(tmp_path, "rollback")
+    run = InProcessRun(config, make_run_dir(config))
+    history = run.fit()
+    run_dir = tmp_path / "rollback"
+    guard_lines = [json.loads(line) for line in (run_dir / "guard.jsonl").read_text().splitlines()]
+    assert [(g["epoch"], g["action"], g["best"]["epoch"]) for g in guard_lines] == (
+        [(1, "rollback", 0)] * MAX_ROLLBACKS + [(1, "stop", 0)])
+    assert run.learner.optimizer.param_groups[0]["lr"] == 3e-3 / 2**MAX_ROLLBACKS
+    metrics = read_metrics(run_dir)
+    assert [(m["epoch"], m["eval_reward_mean"], m["heldout_reward_mean"]) for m in metrics] == [(0, 1, -1), (1, 2, -2)]
+    assert metrics[1]["heldout_guard"] == "stop" and all(m["time_eval_s"] > 0 for m in metrics)
+    assert [m["epoch"] for m in history] == [0, 1] and run.guard_stop is not None and not run.completed
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "epoch_0000"]
+    assert len([line for line in capfd.readouterr().err.splitlines() if "reward hacking?" in line]) == MAX_ROLLBACKS + 1
 
 
 def test_the_guard_on_the_digits_runs_fires_on_flow_grpo_and_diffusion_nft_and_not_on_ddpo():

@@ -206,7 +206,7 @@ def test_logprob_mismatch_of_flow_sde_windows(tmp_path):
 
     config = load_config("configs/digits_flow.yaml", [
         "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=8", "advantage.group_size=4",
-        "sample.sde_type=cps", "sample.sde_window=3", "sample.sde_window_range=[1, 9]", "eval_images=0",
+        "sample.flow.sde_type=cps", "sample.flow.sde_window=3", "sample.flow.sde_window_range=[1, 9]", "eval_images=0",
         "train.timestep_fraction=1.0", f"output_dir={tmp_path}"])
     learner, sampler = Learner(config), Sampler(config)
     sampler.set_weights(learner.weights())

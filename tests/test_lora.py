@@ -3,14 +3,14 @@
 import numpy as np
 import torch
 
-from ddpo.config import SampleConfig
-from ddpo.diffusion import sample_trajectories
+from ddpo.config import DDIMConfig, SampleConfig
+from ddpo.rollout import sample_trajectories
 from ddpo.families import family_of
 from ddpo.lora import attach_lora, get_lora_state, load_lora_state, lora_parameters, save_lora
 from ddpo.pipeline import build_tiny_pipeline, load_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-SAMPLE = SampleConfig(num_steps=4, guidance_scale=5.0, eta=1.0, height=32, width=32)
+SAMPLE = SampleConfig(num_steps=4, guidance_scale=5.0, height=32, width=32, ddim=DDIMConfig(eta=1.0))
 
 
 def _tiny():
@@ -26,9 +26,9 @@ def _perturb(unet, seed):
 
 def test_lora_starts_as_the_identity_and_trains_only_the_adapter():
     pipe = _tiny()
-    before = sample_trajectories(pipe, ["a cat"], [0], SAMPLE).images
+    before = sample_trajectories(pipe, ["a cat"], [0], SAMPLE).media.images
     attach_lora(pipe.denoiser, rank=4, alpha=4, target_modules=TARGETS, seed=0)
-    np.testing.assert_array_equal(sample_trajectories(pipe, ["a cat"], [0], SAMPLE).images, before)
+    np.testing.assert_array_equal(sample_trajectories(pipe, ["a cat"], [0], SAMPLE).media.images, before)
     trainable = [n for n, p in pipe.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in lora_parameters(pipe.denoiser))
@@ -56,9 +56,9 @@ def test_saved_lora_loads_with_diffusers_load_lora_weights(tmp_path):
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     fresh = load_pipeline(str(tmp_path / "base"))  # the real from_pretrained path
-    plain = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], SAMPLE).images
+    plain = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], SAMPLE).media.images
     fresh.pipe.load_lora_weights(str(tmp_path / "lora"))
-    expected = sample_trajectories(trained, ["a cat", "a dog"], [3, 4], SAMPLE).images
-    loaded = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], SAMPLE).images
+    expected = sample_trajectories(trained, ["a cat", "a dog"], [3, 4], SAMPLE).media.images
+    loaded = sample_trajectories(fresh, ["a cat", "a dog"], [3, 4], SAMPLE).media.images
     assert not np.array_equal(plain, expected)  # the LoRA changes the images...
     np.testing.assert_array_equal(loaded, expected)  # ...and loads back exactly

@@ -256,6 +256,10 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(m
     # one model), each role's busy share, the throughput and the actors' memory
     assert "\nlayout: colocated, worker-0 (samples and trains, 1 CPU, 1 thread); worker-1 (" in out.stdout
     assert re.search(r"\nbusy: samplers \d+%, learners \d+%, reward actors \d+%\n", out.stdout), out.stdout
+    # each stage's share of the epochs (cluster.loop), the eval batch's every 4 epochs (eval_every)
+    assert re.search(r"\nstages: sample \d+%, reward \d+%, train \d+%, sync \d+%, eval \d+%, checkpoint \d+%, record "
+                     r"\d+% of the epoch time; the rest \(\d+%\) is the metrics lines and their plots\n",
+                     out.stdout), out.stdout
     assert re.search(r"\nthroughput: [\d.]+ images per device-second; actors' memory: [\d.]+ GiB resident\n",
                      out.stdout), out.stdout
     assert "epochs: 100%" in out.stderr  # the progress bar
@@ -263,8 +267,10 @@ def test_the_main_job_runs_the_embedded_default_and_raises_the_judged_accuracy(m
     assert len(metrics) == NUM_EPOCHS
     for field in ["epoch", "policy_version", "reward_mean", "reward_std", "correct_mean", "approx_kl", "clipfrac",
                   "loss", "samples_per_s", "policy_lag_mean", "dropped_stale", "time_sample_s", "time_reward_s",
-                  "time_train_s", "time_broadcast_s", "images_per_device_s", "mfu", "actors_rss_bytes"]:
+                  "time_train_s", "time_sync_s", "time_checkpoint_s", "time_record_s", "time_epoch_s",
+                  "images_per_device_s", "mfu", "actors_rss_bytes"]:
         assert field in metrics[-1]
+    assert [m["epoch"] for m in metrics if "time_eval_s" in m] == [3, 7, 11]
     for _, step, value in out.live:  # what TensorBoard served during the run: the epochs' reward_mean,
         # which it keeps as a float32 (one rounding: 2^-24 relative)
         assert value == pytest.approx(metrics[step]["reward_mean"], rel=U32, abs=0)

@@ -92,9 +92,9 @@ def test_trace_is_the_same_with_the_op_cache_warm_or_cold():
     """Ops replayed from the shapes they gave before count as the ops themselves."""
     model = memory.meta_model("builtin:tiny", None, "float32", 4, 4.0, ())
     shapes = memory.Shapes(4, 16, 16, 77)
-    warm = memory.training_bytes(model.denoiser, 4, shapes, False)
+    warm = memory.training_bytes(model.family, model.denoiser, 4, shapes, False)
     memory._META_OUTPUTS.clear()
-    assert memory.training_bytes(model.denoiser, 4, shapes, False) == warm
+    assert memory.training_bytes(model.family, model.denoiser, 4, shapes, False) == warm
 
 
 def test_live_bytes_counts_a_storage_once_and_frees_it():

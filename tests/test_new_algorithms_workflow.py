@@ -19,7 +19,7 @@ from cluster.inprocess import InProcessRun
 from cluster.run_dir import make_run_dir
 from cluster.workflow import LORA_FILE, sample_seed
 from ddpo.config import Config, load_config
-from ddpo.diffusion import sample_trajectories
+from ddpo.rollout import sample_trajectories
 from ddpo.media import Media
 from ddpo.pipeline import BUILTIN_FOLDERS
 from ddpo.plan import sde_steps
@@ -32,7 +32,7 @@ TINY = {"num_epochs": 2, "sample.num_steps": 4, "sample.batch_size": 4, "sample.
         "cluster.num_samplers": 1, "cluster.num_learners": 1, "prompts.prompts": json.dumps(PROMPTS)}
 METHODS = {  # name: (config, overrides)
     "diffusion_nft": ("digits_flow_nft.yaml", {}),
-    "cps_window": ("digits_flow_cps.yaml", {"sample.sde_window": 2, "sample.sde_window_range": "[0,3]"}),
+    "cps_window": ("digits_flow_cps.yaml", {"sample.flow.sde_window": 2, "sample.flow.sde_window_range": "[0,3]"}),
 }
 
 
@@ -70,7 +70,7 @@ def _diffusers_images(pipe, config: Config) -> np.ndarray:
     prompts = [p for p in PROMPTS for _ in range(NUM)]
     seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
     return sample_trajectories(model, prompts, seeds, config.sample,
-                               sde_steps(config, config.sample.sde_window_range[0])).images
+                               sde_steps(config, config.sample.flow.sde_window_range[0])).media.images
 
 
 def _base_pipeline():
@@ -102,7 +102,7 @@ def test_sample_draws_the_checkpoints_images_and_the_base_differs(run, tmp_path,
     run_dir = run.run_dir
     assert main(["sample", str(run_dir), "--num-per-prompt", str(NUM)]) == 0
     out = run_dir / "samples_epoch_0001"
-    assert f"4 images (checkpoint epoch_0001, 2 epochs trained): {out}" in capsys.readouterr().out
+    assert f"4 samples (checkpoint epoch_0001, 2 epochs trained): {out}" in capsys.readouterr().out
     trained = _pngs(out)
     assert trained.shape == (4, 16, 16, 3) and (out / "grid.png").is_file()
     assert trained.std() > 20  # ink on paper

@@ -1,5 +1,6 @@
 """The reward pool's scheduling, with stand-in actors: batching across samplers, a retry on
-another actor after an error or a timeout, and the named failure after the second try."""
+another actor after an error or a timeout, the named failure after the second try, and the
+held-out reward's batches in calls of their own."""
 
 import time
 
@@ -18,12 +19,12 @@ class StandInRewardActor:
     def __init__(self, raises: bool = False, sleep_s: float = 0.0):
         self.raises, self.sleep_s, self.calls = raises, sleep_s, []
 
-    def score(self, *batches, prompt_metadata=None):
-        self.calls.append([b["id"] for b in batches])
+    def score(self, *batches, prompt_metadata=None, heldout=False):
+        self.calls.append([b["id"] + (" (held-out)" if heldout else "") for b in batches])
         time.sleep(self.sleep_s)
         if self.raises:
             raise RewardError("reward 'r' returned NaN or infinite rewards")
-        return [(b["id"], np.full(b["n"], 1.0), {}) for b in batches]
+        return [(b["id"], np.full(b["n"], -1.0 if heldout else 1.0), {}) for b in batches]
 
     def log(self):
         return self.calls
@@ -36,8 +37,8 @@ def _run(pool, batches, deadline_s=20.0):
         pool.submit(ray.put(batch), batch["n"])
     while len(scored) < len(batches):
         assert time.monotonic() - start < deadline_s
-        for batch_id, rewards, _ in pool.poll():
-            scored[batch_id] = rewards
+        for result in pool.poll():
+            scored[result.batch_id] = result.rewards
     return scored, time.monotonic() - start
 
 
@@ -85,3 +86,16 @@ def test_a_timeout_with_no_other_actor_is_a_named_error(ray_session):
     with pytest.raises(RewardError, match=r"^reward 'aesthetic' took longer than reward.timeout_s = 0.5 s "
                                           "on reward-0, and there is no other reward actor to retry on$"):
         _run(pool, BATCHES[:1])
+
+
+def test_the_held_out_reward_scores_in_calls_of_its_own_and_comes_back_apart(ray_session):
+    """The eval batch, by the trained reward and by the held-out one (`reward.heldout`)."""
+    actor = StandInRewardActor.remote()
+    pool = RewardPool([actor], "r", max_batch_images=16, timeout_s=30)
+    refs = [(ray.put(batch), batch["n"], {}) for batch in BATCHES[:2]]
+    trained, heldout = pool.score_all(refs, heldout=True)
+    assert {k: r.tolist() for k, (r, _) in trained.items()} == {"b0": [1.0] * 4, "b1": [1.0] * 4}
+    assert {k: r.tolist() for k, (r, _) in heldout.items()} == {"b0": [-1.0] * 4, "b1": [-1.0] * 4}
+    assert ray.get(actor.log.remote()) == [["b0", "b1"], ["b0 (held-out)", "b1 (held-out)"]]
+    trained, heldout = pool.score_all(refs[:1])  # no held-out reward asked for
+    assert list(trained) == ["b0"] and heldout == {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ddpo.plan
-from ddpo.config import SampleConfig, load_config
-from ddpo.diffusion import sample_trajectories, step_log_prob
+from ddpo.config import FlowConfig, SampleConfig, load_config
+from ddpo.rollout import sample_trajectories, step_log_prob
 from ddpo.families import take
 from ddpo.flow import sde_step_with_logprob
 from ddpo.pipeline import load_pipeline
@@ -26,8 +26,8 @@ def model():
 
 
 def _sample_config(sde_type="flow_grpo"):
-    return SampleConfig(num_steps=NUM_STEPS, guidance_scale=1.0, noise_level=0.7, height=16, width=16,
-                        sde_type=sde_type)
+    return SampleConfig(num_steps=NUM_STEPS, guidance_scale=1.0, height=16, width=16,
+                        flow=FlowConfig(noise_level=0.7, sde_type=sde_type))
 
 
 def _by_hand(model, sample, window: range):
@@ -38,14 +38,14 @@ def _by_hand(model, sample, window: range):
     sigmas = model.scheduler.sigmas.float()
     cond, _ = model.encode(PROMPTS, with_negative=False)
     generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
-    x = model.initial_latents(generators, sample.height, sample.width, dtype=torch.float32)
+    x = model.initial_latents(generators, sample.height, sample.width)
     xs, log_probs = [x], []
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             v = model.predict(x, t, cond, None, sample.guidance_scale)
             if i in window:
-                x, log_prob, _, _ = sde_step_with_logprob(model.scheduler, v, t, x, sample.noise_level,
-                                                          generator=generators, sde_type=sample.sde_type)
+                x, log_prob, _, _ = sde_step_with_logprob(model.scheduler, v, t, x, sample.flow.noise_level,
+                                                          generator=generators, sde_type=sample.flow.sde_type)
                 log_probs.append(log_prob)
             else:
                 x = x + (sigmas[i + 1] - sigmas[i]) * v
@@ -68,7 +68,7 @@ def test_a_window_stores_its_steps_and_their_log_probs_recompute(model, sde_type
     torch.testing.assert_close(traj.log_probs, log_probs, rtol=0, atol=0)
     timesteps = model.set_timesteps(NUM_STEPS, 16, 16)
     torch.testing.assert_close(traj.timesteps, timesteps[window.start:window.stop].repeat(2, 1), rtol=0, atol=0)
-    np.testing.assert_array_equal(traj.images, model.decode(xs[:, -1]))
+    np.testing.assert_array_equal(traj.media.images, model.decode(xs[:, -1]).images)
 
     # the learner's recomputation (every stored step of both samples in one batch): ratio 1 within
     # 1e-4, the design's log-prob contract
@@ -95,7 +95,7 @@ def test_ode_only_sampling_stores_the_final_latent_alone(model):
     xs, _ = _by_hand(model, sample, range(0))
     assert traj.latents.shape == (2, 1, 4, 8, 8) and traj.log_probs is None
     torch.testing.assert_close(traj.latents[:, 0], xs[:, -1], rtol=0, atol=0)
-    np.testing.assert_array_equal(traj.images, model.decode(xs[:, -1]))
+    np.testing.assert_array_equal(traj.media.images, model.decode(xs[:, -1]).images)
     torch.testing.assert_close(traj.timesteps, model.set_timesteps(NUM_STEPS, 16, 16).repeat(2, 1), rtol=0, atol=0)
     record = to_record_batch(traj, "e0-b0", 0)
     assert "log_probs" not in record.schema.names
@@ -113,12 +113,12 @@ def _config(*overrides):
 
 def test_sde_steps_are_the_window_every_step_or_none():
     assert sde_steps(_config(), 3) == range(10)
-    assert sde_steps(_config("sample.sde_window=2", "sample.sde_window_range=[1, 7]"), 3) == range(3, 5)
+    assert sde_steps(_config("sample.flow.sde_window=2", "sample.flow.sde_window_range=[1, 7]"), 3) == range(3, 5)
     assert sde_steps(_config("train.algorithm=diffusion_nft"), 0) == range(0)
 
 
 def test_random_windows_lie_in_the_range_and_are_drawn_per_batch():
-    config = _config("sample.sde_window=2", "sample.sde_window_range=[1, 7]", "sample.sde_window_schedule=random")
+    config = _config("sample.flow.sde_window=2", "sample.flow.sde_window_range=[1, 7]", "sample.flow.sde_window_schedule=random")
     prompts = config.load_prompts()
     starts = {epoch: [spec.sde_start for spec in epoch_plan(config, prompts, epoch)] for epoch in range(3)}
     for epoch, epoch_starts in starts.items():
@@ -131,8 +131,8 @@ def test_random_windows_lie_in_the_range_and_are_drawn_per_batch():
 
 
 def test_sliding_window_moves_by_shift_every_interval_then_stays_at_the_end():
-    config = _config("sample.sde_window=3", "sample.sde_window_range=[1, 9]", "sample.sde_window_schedule=sliding",
-                     "sample.sde_window_shift=2", "sample.sde_window_interval=3")
+    config = _config("sample.flow.sde_window=3", "sample.flow.sde_window_range=[1, 9]", "sample.flow.sde_window_schedule=sliding",
+                     "sample.flow.sde_window_shift=2", "sample.flow.sde_window_interval=3")
     prompts = config.load_prompts()
     expected = [1, 1, 1, 3, 3, 3, 5, 5, 5, 6, 6, 6, 6]  # 1 + 2 (epoch // 3), at most 9 - 3
     for epoch, start in enumerate(expected):
@@ -144,8 +144,8 @@ def test_without_a_window_the_plan_draws_nothing_more(monkeypatch, mode):
     """sde_window = 0 (and a sliding window) take no draw from the plan's generator: the prompts
     and seeds are those of a plan that never asks for a window start."""
     plans = {}
-    for window in (["sample.sde_window=0"],
-                   ["sample.sde_window=2", "sample.sde_window_range=[1, 7]", "sample.sde_window_schedule=sliding"]):
+    for window in (["sample.flow.sde_window=0"],
+                   ["sample.flow.sde_window=2", "sample.flow.sde_window_range=[1, 7]", "sample.flow.sde_window_schedule=sliding"]):
         config = _config(f"advantage.mode={mode}", *window)
         plans[window[0]] = [(s.batch_id, s.prompts, s.seeds) for e in range(2)
                             for s in epoch_plan(config, config.load_prompts(), e)]

@@ -13,6 +13,7 @@ import torch
 
 from cluster.driver import Driver
 from cluster.inprocess import InProcessRun
+from cluster.loop import STAGES
 from cluster.run_dir import make_run_dir
 from tests.conftest import kill_once_recorded, one_torch_thread, ray_processes, run_metrics, tiny_config
 from tests.float_error import U32
@@ -103,6 +104,10 @@ def test_lag0_run_equals_the_inprocess_composition(ray_session, tmp_path, undist
     assert version_a == version_c == 3
     for a, c in zip(history_a, history_c, strict=True):
         assert [a[k] for k in EXACT] == [c[k] for k in EXACT]
+        for m in (a, c):  # the one loop's stages, each timed (tests/test_loop.py: their order)
+            times = [m[f"time_{stage}_s"] for stage in STAGES]
+            assert min(times) >= 0 and sum(times) <= m["time_epoch_s"] + 1e-6
+        assert c["time_checkpoint_s"] > 0 and a["time_checkpoint_s"] > 0  # checkpoint_every 1
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_c[key])
     assert len(run_metrics(run_dir)) == 3
@@ -296,7 +301,7 @@ def test_a_checkpoint_write_that_fails_mid_run_ends_it_in_one_line(ray_session, 
     1's checkpoint with one line, and epoch 0's checkpoint stays whole."""
     import psutil
 
-    from cluster.driver import WriteFailed
+    from cluster.loop import WriteFailed
     from cluster.run_dir import latest_checkpoint
     from learner import Learner
 
@@ -363,7 +368,7 @@ def test_a_record_write_that_fails_mid_run_ends_it_in_one_line(ray_session, tmp_
     in one line too."""
     import errno
 
-    from cluster.driver import WriteFailed
+    from cluster.loop import WriteFailed
     from cluster.run_dir import RunRecorder
 
     def disk_full(self, epoch, *args, **kwargs):

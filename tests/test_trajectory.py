@@ -4,7 +4,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ddpo.diffusion import Trajectories
+from ddpo.rollout import Trajectories
+from ddpo.media import Media
 from ddpo.trajectory import media_of, read_parquet, to_record_batch, to_training_batch, write_parquet
 
 
@@ -16,7 +17,7 @@ def _trajectories(dtype=torch.float16):
         latents=torch.randn(2, 4, 4, 8, 8, generator=g).to(dtype),
         log_probs=torch.randn(2, 3, generator=g),
         timesteps=torch.tensor([[901, 601, 301]] * 2),
-        images=np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8),
+        media=Media.from_images(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)),
     )
 
 
@@ -42,4 +43,4 @@ def test_parquet_round_trip_is_exact(tmp_path):
     assert torch.equal(batch.timesteps, traj.timesteps)
     assert batch.policy_versions.tolist() == [5, 5]
     assert table.column("seed").to_pylist() == [11, 12]
-    np.testing.assert_array_equal(media_of(table).images, traj.images)
+    np.testing.assert_array_equal(media_of(table).images, traj.media.images)

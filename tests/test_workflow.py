@@ -13,7 +13,7 @@ from PIL import Image
 from cluster.cli import main
 from cluster.workflow import model_card, sample_seed
 from ddpo.config import Config, save_config
-from ddpo.diffusion import sample_trajectories
+from ddpo.rollout import sample_trajectories
 from ddpo.pipeline import build_tiny_pipeline
 from tests.conftest import tiny_config
 from tests.float_error import U32, U64
@@ -56,8 +56,8 @@ def run(tmp_path_factory):
                                                    "after": {"reward_mean": 0.75, "reward_std": 0.1}}))
     prompts = [p for p in PROMPTS for _ in range(NUM)]
     seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
-    trained = sample_trajectories(learner.model, prompts, seeds, config.sample).images
-    one_by_one = np.concatenate([sample_trajectories(learner.model, [prompt], [seed], config.sample).images
+    trained = sample_trajectories(learner.model, prompts, seeds, config.sample).media.images
+    one_by_one = np.concatenate([sample_trajectories(learner.model, [prompt], [seed], config.sample).media.images
                                  for prompt, seed in zip(prompts, seeds)])
     lora = {name: (module.base_layer.weight.detach().double().numpy(),
                    module.lora_A["default"].weight.detach().double().numpy(),
@@ -81,7 +81,7 @@ def test_sample_is_the_checkpoints_lora_and_repeats(run, tmp_path, capsys):
     assert main(["sample", str(run_dir), "--num-per-prompt", str(NUM)]) == 0
     out = run_dir / "samples_epoch_0002"  # the default: the latest checkpoint
     printed = capsys.readouterr().out
-    assert f"4 images (checkpoint epoch_0002, 3 epochs trained): {out}; grid: {out / 'grid.png'}" in printed
+    assert f"4 samples (checkpoint epoch_0002, 3 epochs trained): {out}; grid: {out / 'grid.png'}" in printed
     first = _pngs(out)
     assert sorted(first) == ["a-blue-dog_0.png", "a-blue-dog_1.png", "a-red-cat_0.png", "a-red-cat_1.png", "grid.png"]
     np.testing.assert_array_equal(_images(out), trained)  # the learner's own LoRA, bit for bit
@@ -109,7 +109,7 @@ def test_sample_base_differs_and_prompts_and_seed_choose_the_images(run, tmp_pat
 
     prompts = [p for p in PROMPTS for _ in range(NUM)]
     seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
-    expected = sample_trajectories(family_of(base_model), prompts, seeds, config.sample).images
+    expected = sample_trajectories(family_of(base_model), prompts, seeds, config.sample).media.images
     np.testing.assert_array_equal(base, expected)
     # one prompt of the list on its own (its batch padded to the full size): the same images as
     # in the list, bit for bit; another seed: others
@@ -182,7 +182,7 @@ def _sample_pipeline(pipe, config) -> np.ndarray:
     model = family_of(pipe)
     prompts = [p for p in PROMPTS for _ in range(NUM)]
     seeds = [sample_seed(0, i) for _ in PROMPTS for i in range(NUM)]
-    return sample_trajectories(model, prompts, seeds, config.sample).images
+    return sample_trajectories(model, prompts, seeds, config.sample).media.images
 
 
 def test_export_lora_loads_into_the_base_with_diffusers(run, tmp_path, capsys):

@@ -4,26 +4,33 @@ with a log-prob, and decode.
 
 A family is one module of this package with one `ModelFamily` subclass that names the diffusers
 pipeline classes it serves (`class_names`, as in a pipeline folder's `model_index.json`).
-Adding a family is adding a file here: the registry below finds it.
+Adding a family is adding a file here: the registry below finds it. The family owns all that
+differs between families: its conditioning (any keys, sequences of any length with their
+attention masks), its step and the settings it reads (`sample.ddim`, `sample.flow`), its image
+size rule, its latents' shape and dtype, and decoding (tests/test_family_seam.py holds that).
 
-Latents are unpacked, [B, C, h, w], in every family (FLUX packs them inside its forward), so a
-trajectory, its Gaussian steps and their log-probs look the same for all of them.
+Latents have the shape and dtype the family gives them (`latent_shape`, `latent_dtype`): the
+rollout, the Gaussian steps and their log-probs work on any. The shipped families keep them
+unpacked, [B, C, h, w] (FLUX and Qwen-Image pack 2x2 patches inside their forward).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ddpo.config import Config, ConfigError, ModelConfig, SampleConfig
-from ddpo.diffusion import GaussianStep
+from ddpo.config import Config, ModelConfig, SampleConfig
+from ddpo.errors import ConfigError
+from ddpo.gaussian import GaussianStep
+from ddpo.media import Media
 
 # a prompt's conditioning: tensors with the batch first (text embeddings, pooled embeddings, ...)
 Conditioning = dict[str, torch.Tensor]
@@ -33,23 +40,34 @@ def take(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
     return None if cond is None else {k: v[rows.to(v.device)] for k, v in cond.items()}
 
 
-def concat(conds: list[Conditioning | None]) -> Conditioning | None:
-    """The conditionings joined along the batch. Sequences of unequal length (a text encoder
-    that pads to its batch's longest prompt, as Qwen-Image's) are padded with zeros at the end
-    to the longest first: their attention mask, one of the tensors, pads with zeros too, so the
-    padding is never attended to. Equal lengths are joined unchanged."""
+def concat(conds: list[Conditioning | None], masks: Mapping[str, str] = {}) -> Conditioning | None:
+    """The conditionings joined along the batch. A token sequence may differ in length from one
+    to the next (a text encoder that pads to its batch's longest prompt, as Qwen-Image's) where
+    it has an attention mask: `masks` maps the sequence's key to its mask's key (1 a token, 0
+    padding). Such a sequence and its mask are padded with zeros at the end to the longest, so
+    the padding is never attended to. Equal shapes are joined unchanged; unequal ones without a
+    mask are a ValueError (zeros there would be attended to)."""
     if conds[0] is None:
         return None
+    padded_keys = {*masks, *masks.values()}
 
     def padded(v: torch.Tensor, length: int) -> torch.Tensor:
-        if v.ndim < 2 or v.shape[1] == length:
+        if v.shape[1] == length:
             return v
         return torch.cat([v, v.new_zeros(v.shape[0], length - v.shape[1], *v.shape[2:])], dim=1)
 
     joined = {}
     for k in conds[0]:
         parts = [c[k] for c in conds]
-        length = max(v.shape[1] for v in parts) if parts[0].ndim >= 2 else None
+        if len({v.shape[1:] for v in parts}) == 1:
+            joined[k] = torch.cat(parts)
+            continue
+        if k not in padded_keys or parts[0].ndim < 2 or len({(v.ndim, *v.shape[2:]) for v in parts}) != 1:
+            raise ValueError(f"conditioning '{k}': shapes {sorted({tuple(v.shape[1:]) for v in parts})} differ and "
+                             "no attention mask says which tokens are padding (ModelFamily.sequence_masks)")
+        if k in masks and masks[k] not in conds[0]:
+            raise ValueError(f"conditioning '{k}': its attention mask '{masks[k]}' is not in the conditioning")
+        length = max(v.shape[1] for v in parts)
         joined[k] = torch.cat([padded(v, length) for v in parts])
     return joined
 
@@ -88,15 +106,32 @@ def _moved(row: Conditioning, device: torch.device) -> Conditioning:
     return {k: v.to(device) for k, v in row.items()}
 
 
+def images_of_pixels(pixels: torch.Tensor) -> Media:
+    """A VAE's decoded pixels [B, 3, H, W] in [-1, 1] as uint8 images, rounded as the pipelines'
+    `numpy_to_pil` does."""
+    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
+    return Media.from_images((pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy())
+
+
 class ModelFamily:
     """One family of text-to-image pipelines. Subclasses give the class attributes and the
     methods that raise NotImplementedError; the rest is shared."""
 
     class_names: ClassVar[tuple[str, ...]] = ()  # the pipelines' `_class_name`s
+    medium: ClassVar[str] = "image"  # what `decode` makes: image, or video (ddpo.media)
     pipeline_class: ClassVar[type]  # the diffusers pipeline class that loads the folder
     denoiser_name: ClassVar[str] = "unet"  # the module that carries the LoRA ("unet", "transformer")
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
     load_kwargs: ClassVar[dict] = {}  # extra `from_pretrained` arguments
+    # the settings its `step` reads: a section of SampleConfig ("ddim", "flow"); the other
+    # sections must keep their defaults (`check_config`)
+    step_settings: ClassVar[str]
+    step_name: ClassVar[str]  # the step in messages ("DDIM", "the flow SDE")
+    # token sequences of the conditioning that may differ in length between prompts, each with
+    # the key of its attention mask (1 a token, 0 padding): joined by `concat`, padded with zeros
+    sequence_masks: ClassVar[dict[str, str]] = {}
+    # what sample.height and sample.width must be multiples of, in words (`size_multiple`)
+    size_rule: ClassVar[str] = "one latent pixel per vae_scale_factor pixels"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -141,7 +176,8 @@ class ModelFamily:
     def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor,
              sample: SampleConfig, prev_sample: torch.Tensor | None = None,
              generator=None) -> GaussianStep:
-        """One stochastic step with the log-prob of its action (ddpo/diffusion.py, ddpo/flow.py)."""
+        """One stochastic step with the log-prob of its action (ddpo/ddim.py, ddpo/flow.py), with
+        the settings of `sample.<step_settings>`."""
         raise NotImplementedError
 
     def ode_step(self, model_output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -149,34 +185,102 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
-    def check_config(cls, config: Config) -> None:
-        """Refuse, in one line (ValueError naming the field), settings this family cannot honour:
-        here, the flow-matching ones (an SDE window, CPS, DiffusionNFT); flow families allow them."""
-        if config.sample.sde_window:
-            raise ValueError(f"sample.sde_window: {cls.__name__} steps with DDIM, which has no SDE window; set it to 0")
-        if config.sample.sde_type != "flow_grpo":
-            raise ValueError(f"sample.sde_type: {config.sample.sde_type} is a flow-matching step; "
-                             f"{cls.__name__} steps with DDIM (remove the setting)")
-        if config.train.algorithm == "diffusion_nft":
-            raise ValueError(f"train.algorithm: diffusion_nft trains flow-matching models (SD3, FLUX); {cls.__name__} "
-                             "is a DDIM model: use ddpo_is, ddpo_sf or rwr")
+    def check_config(cls, config: Config, size_multiple: int | None = None) -> None:
+        """Refuse, in one line (a ConfigError naming the field), settings this family cannot
+        honour: another kind of step's settings away from their defaults, DiffusionNFT without
+        a flow-matching step, and, given the model's `size_multiple`, an image size off it."""
+        for kind, settings in step_settings_of(config.sample).items():
+            changed = changed_settings(settings)
+            if kind != cls.step_settings and changed:
+                raise ConfigError(f"sample.{kind}.{changed[0]}: {cls.__name__} steps with {cls.step_name} "
+                                  f"(sample.{cls.step_settings}) and reads no sample.{kind} setting; remove it")
+        if config.train.algorithm == "diffusion_nft" and cls.step_settings != "flow":
+            raise ConfigError(f"train.algorithm: diffusion_nft trains flow-matching models (SD3, FLUX, Qwen-Image); "
+                              f"{cls.__name__} steps with {cls.step_name}: use ddpo_is, ddpo_sf or rwr")
+        for key in ("height", "width") if size_multiple else ():
+            value = getattr(config.sample, key)
+            if value % size_multiple:
+                raise ConfigError(f"sample.{key}: must be a multiple of {size_multiple} for {cls.__name__} "
+                                  f"({cls.size_rule}), got {value}")
+
+    @classmethod
+    def vae_scale_factor(cls, vae_config: Mapping[str, Any]) -> int:
+        """Image pixels per latent pixel, from the VAE's config as the pipelines compute it: one
+        2x downsampling between each two of its blocks."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def size_multiple(cls, config_of: Callable[[str], Mapping[str, Any]]) -> int:
+        """What sample.height and sample.width must be multiples of: the pipeline's own rule
+        (`size_rule`), from its components' configs (`config_of("vae")`, the config of the
+        pipeline's `vae`; read from the model's folder before it loads, or from the loaded one)."""
+        return cls.vae_scale_factor(config_of("vae"))
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(x_t, the denoiser's training target) for the ordinary denoising loss (RWR)."""
         raise NotImplementedError
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """One sample's latents (without the batch) for an image of `height` x `width`."""
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """x_0 latents -> uint8 images [B, H, W, 3]."""
+    def decode(self, latents: torch.Tensor) -> Media:
+        """x_0 latents -> the samples in the family's `medium` (`images_of_pixels` for images)."""
         raise NotImplementedError
+
+    # -- the model as the memory plan traces it on the meta device (ddpo/memory.py) ---------
+    # `shapes` is a ddpo.memory.Shapes: latent_channels, latent_height, latent_width, text_tokens
+
+    @classmethod
+    def meta_inputs(cls, denoiser: torch.nn.Module, batch: int, shapes) -> dict:
+        """The denoiser's keyword arguments as `forward` passes them, empty tensors on the meta
+        device at the run's shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def meta_conditioning(cls, inputs: dict) -> list[torch.Tensor]:
+        """The tensors of `meta_inputs` that a prompt's conditioning row holds (the prompt cache)."""
+        return [v for k, v in inputs.items() if k in ("encoder_hidden_states", "pooled_projections") and v is not None]
+
+    @classmethod
+    def meta_vae_input(cls, batch: int, shapes, dtype: torch.dtype) -> torch.Tensor:
+        """What `decode` passes the VAE's decode, an empty tensor on the meta device."""
+        return torch.empty(batch, shapes.latent_channels, shapes.latent_height, shapes.latent_width, device="meta",
+                           dtype=dtype)
+
+    @classmethod
+    def latent_channels(cls, vae_config: Mapping[str, Any]) -> int:
+        """The channels of the VAE's latents, from its config."""
+        return vae_config["latent_channels"]
+
+    @classmethod
+    def text_tokens(cls, clip_tokens: int, sequence_length: int | None) -> int:
+        """The conditioning's tokens as the denoiser sees them, from the CLIP encoder's
+        (`clip_tokens`) and the other encoder's (T5, Qwen2.5-VL: `model.max_sequence_length`,
+        else the family's): CLIP's here."""
+        return clip_tokens
+
+    @classmethod
+    def upcast(cls, components: Mapping[str, Any]) -> None:
+        """Move to float32 the components this family never runs in a lower `model.dtype` (at
+        load, in `prepare`; and on the memory plan's modules): none here."""
 
     # -- shared ----------------------------------------------------------------------------
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Whether guidance runs the denoiser twice (classifier-free guidance)."""
         return guidance_scale > 1.0
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype x_T is drawn in and a trajectory's latents are kept in: the denoiser's
+        (`model.dtype`), the dtype of the pipelines' prompt embeddings, which they draw x_T in."""
+        return self.denoiser.dtype
+
+    def concat(self, conds: list[Conditioning | None]) -> Conditioning | None:
+        """The conditionings joined along the batch, sequences of unequal length padded by their
+        masks (`concat`, `sequence_masks`)."""
+        return concat(conds, self.sequence_masks)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the denoiser's activations in the backward pass instead of keeping them
@@ -211,9 +315,9 @@ class ModelFamily:
         the same bits whatever batch asks for it, in a sampler and in a learner, before and after
         a restart."""
         rows = {prompt: self._row(prompt) for prompt in dict.fromkeys(prompts)}
-        cond = concat([_moved(rows[prompt], self.device) for prompt in prompts])
+        cond = self.concat([_moved(rows[prompt], self.device) for prompt in prompts])
         negative = self._row(NEGATIVE) if with_negative else None
-        return cond, None if negative is None else concat([_moved(negative, self.device)] * len(prompts))
+        return cond, None if negative is None else self.concat([_moved(negative, self.device)] * len(prompts))
 
     def _row(self, prompt: str | None) -> Conditioning | None:
         """A prompt's conditioning row (NEGATIVE: the empty prompt's, None in a family without
@@ -253,11 +357,11 @@ class ModelFamily:
             encoder.to("cpu")
         return freed
 
-    def initial_latents(self, generators: list[torch.Generator], height: int, width: int,
-                        dtype: torch.dtype) -> torch.Tensor:
-        """x_T: each sample's noise from its own generator."""
+    def initial_latents(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """x_T ~ N(0, I) in the family's latent shape and dtype: each sample's noise from its own
+        generator."""
         shape = (len(generators), *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generators, device=self.device, dtype=dtype)
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.latent_dtype)
 
     def predict(self, latents: torch.Tensor, timesteps, cond: Conditioning, negative: Conditioning | None,
                 guidance_scale: float) -> torch.Tensor:
@@ -267,7 +371,7 @@ class ModelFamily:
         dtype = self.denoiser.dtype
         if negative is None:
             return self.forward(latents.to(dtype), timesteps, cond, guidance_scale)
-        both = concat([negative, cond])
+        both = self.concat([negative, cond])  # one batch: the unconditional rows, then the conditional
         out = self.forward(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]),
                            both, guidance_scale)
         uncond, text = out.chunk(2)
@@ -295,6 +399,18 @@ class ModelFamily:
         prefix = f"{self.denoiser_name}."
         return convert_unet_state_dict_to_peft(
             {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+
+def step_settings_of(sample: SampleConfig) -> dict[str, Any]:
+    """The settings of each kind of step, by their section of `sample` ("ddim", "flow")."""
+    return {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)
+            if dataclasses.is_dataclass(getattr(sample, f.name))}
+
+
+def changed_settings(settings: Any) -> list[str]:
+    """The fields of a settings dataclass that differ from their defaults."""
+    defaults = type(settings)()
+    return [f.name for f in dataclasses.fields(settings) if getattr(settings, f.name) != getattr(defaults, f.name)]
 
 
 def _families() -> dict[str, type[ModelFamily]]:

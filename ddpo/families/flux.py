@@ -15,12 +15,30 @@ class Flux(FlowMatchFamily):
     class_names = ("FluxPipeline",)
     pipeline_class = FluxPipeline
     max_sequence_length = 512  # T5 tokens, FluxPipeline's default (the instance's: model.max_sequence_length)
+    size_rule = "the VAE's scale factor x 2 for the 2x2 packing, as FluxPipeline checks"
+
+    @classmethod
+    def size_multiple(cls, config_of) -> int:
+        return cls.vae_scale_factor(config_of("vae")) * 2
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False  # guidance is distilled into the model (FLUX.1-dev) or absent (schnell)
 
     def _sigmas(self, num_steps: int) -> np.ndarray:
         return np.linspace(1.0, 1 / num_steps, num_steps)  # as FluxPipeline
+
+    @classmethod
+    def meta_inputs(cls, denoiser, batch, shapes):
+        config, dtype = denoiser.config, denoiser.dtype
+        tokens = (shapes.latent_height // 2) * (shapes.latent_width // 2)  # 2x2 patches packed into tokens of 4C
+        return {"hidden_states": torch.empty(batch, tokens, config.in_channels, device="meta", dtype=dtype),
+                "timestep": torch.empty(batch, device="meta"),
+                "encoder_hidden_states": torch.empty(batch, shapes.text_tokens, config.joint_attention_dim,
+                                                     device="meta", dtype=dtype),
+                "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device="meta", dtype=dtype),
+                "guidance": torch.empty(batch, device="meta") if config.guidance_embeds else None,
+                "txt_ids": torch.empty(shapes.text_tokens, 3, device="meta", dtype=dtype),
+                "img_ids": torch.empty(tokens, 3, device="meta", dtype=dtype)}
 
     def encode(self, prompts, with_negative):
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.text_encoder_device,

@@ -4,7 +4,8 @@ FLUX, and "true" classifier-free guidance on a negative prompt whose output is r
 conditional prediction's norm.
 
 The text embeddings are as long as the batch's longest prompt, with a mask ("prompt_embeds_mask")
-that `ddpo.families.concat` pads along when it joins conditionings of different lengths."""
+that `ddpo.families.concat` pads along when it joins conditionings of different lengths
+(`sequence_masks`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from diffusers import QwenImagePipeline
 
-from ddpo.families import Conditioning, concat
+from ddpo.families import Conditioning, images_of_pixels
 from ddpo.families.sd3 import FlowMatchFamily
+from ddpo.media import Media
 
 
 class QwenImage(FlowMatchFamily):
@@ -26,13 +28,44 @@ class QwenImage(FlowMatchFamily):
         "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
     # the negative prompt of true CFG: Qwen-Image's model card and Flow-GRPO use a single space
     negative_prompt = " "
+    # the text embeddings are as long as the prompt, their mask marks the tokens
+    sequence_masks = {"prompt_embeds": "prompt_embeds_mask"}
+    size_rule = "the VAE's scale factor x 2 for the 2x2 packing, as QwenImagePipeline checks"
+
+    @classmethod
+    def vae_scale_factor(cls, vae_config) -> int:
+        return 2 ** len(vae_config["temperal_downsample"])  # as QwenImagePipeline (diffusers' spelling)
+
+    @classmethod
+    def size_multiple(cls, config_of) -> int:
+        return cls.vae_scale_factor(config_of("vae")) * 2
 
     def _sigmas(self, num_steps: int) -> np.ndarray:
         return np.linspace(1.0, 1 / num_steps, num_steps)  # as QwenImagePipeline
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor  # rounded down to whole 2x2 patches, as QwenImagePipeline
-        return self.pipe.vae.config.z_dim, 2 * (height // (2 * scale)), 2 * (width // (2 * scale))
+        return self.latent_channels(self.pipe.vae.config), 2 * (height // (2 * scale)), 2 * (width // (2 * scale))
+
+    @classmethod
+    def latent_channels(cls, vae_config) -> int:
+        return vae_config["z_dim"]
+
+    @classmethod
+    def meta_inputs(cls, denoiser, batch, shapes):
+        config, dtype = denoiser.config, denoiser.dtype
+        h, w = shapes.latent_height, shapes.latent_width
+        return {"hidden_states": torch.empty(batch, (h // 2) * (w // 2), config.in_channels, device="meta", dtype=dtype),
+                "timestep": torch.empty(batch, device="meta"),
+                "encoder_hidden_states": torch.empty(batch, shapes.text_tokens, config.joint_attention_dim,
+                                                     device="meta", dtype=dtype),
+                "encoder_hidden_states_mask": None,  # the whole prompt, no padding: `forward` passes none
+                "img_shapes": [[(1, h // 2, w // 2)]] * batch}
+
+    @classmethod
+    def meta_vae_input(cls, batch, shapes, dtype):
+        return torch.empty(batch, shapes.latent_channels, 1, shapes.latent_height, shapes.latent_width, device="meta",
+                           dtype=dtype)  # one frame of the video VAE, as `decode`
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         embeds, mask = self.pipe.encode_prompt(prompts, device=self.text_encoder_device, num_images_per_prompt=1,
@@ -71,19 +104,18 @@ class QwenImage(FlowMatchFamily):
             return super().predict(latents, timesteps, cond, None, guidance_scale)
         timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
         both = torch.cat([latents, latents]).to(self.denoiser.dtype)
-        out = self._forward_packed(both, torch.cat([timesteps, timesteps]), concat([negative, cond]))
+        out = self._forward_packed(both, torch.cat([timesteps, timesteps]), self.concat([negative, cond]))
         uncond, text = out.chunk(2)
         guided = uncond + guidance_scale * (text - uncond)
         guided = guided * (torch.norm(text, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
         return self._unpack(guided, latents.shape)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor) -> Media:
         vae = self.pipe.vae
         latents = latents.to(vae.dtype)[:, :, None]  # one frame: [B, C, 1, h, w]
         view = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(view).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, latents.dtype)
         image = vae.decode(latents / inverse_std + mean, return_dict=False)[0][:, :, 0]  # as the pipeline
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return images_of_pixels(image)

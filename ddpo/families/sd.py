@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from ddpo.config import SampleConfig
-from ddpo.diffusion import GaussianStep, check_ddim_scheduler, ddim_step_with_logprob
-from ddpo.families import Conditioning, ModelFamily
+from ddpo.ddim import check_ddim_scheduler, ddim_step_with_logprob
+from ddpo.gaussian import GaussianStep
+from ddpo.families import Conditioning, ModelFamily, images_of_pixels
+from ddpo.media import Media
 
 
 class DDIMFamily(ModelFamily):
     """What the UNet families share: DDIM steps (eta > 0) and the VAE of Stable Diffusion."""
+
+    step_settings = "ddim"  # sample.ddim.eta
+    step_name = "DDIM"
+    size_rule = "its pipeline's check_inputs: height % 8, the VAE's scale factor"
 
     @classmethod
     def prepare(cls, pipe):
@@ -28,11 +33,24 @@ class DDIMFamily(ModelFamily):
         scale = self.pipe.vae_scale_factor
         return self.denoiser.config.in_channels, height // scale, width // scale
 
+    @classmethod
+    def size_multiple(cls, config_of) -> int:
+        return 8  # StableDiffusionPipeline's and StableDiffusionXLPipeline's check_inputs
+
     def step(self, model_output, timesteps, latents, sample: SampleConfig, prev_sample=None,
              generator=None) -> GaussianStep:
-        return ddim_step_with_logprob(self.scheduler, model_output, timesteps, latents, eta=sample.eta,
+        return ddim_step_with_logprob(self.scheduler, model_output, timesteps, latents, eta=sample.ddim.eta,
                                       prev_sample=prev_sample, generator=generator,
                                       log_prob_reduction=sample.log_prob_reduction)
+
+    @classmethod
+    def meta_inputs(cls, denoiser, batch, shapes):
+        config, dtype = denoiser.config, denoiser.dtype
+        return {"sample": torch.empty(batch, config.in_channels, shapes.latent_height, shapes.latent_width,
+                                      device="meta", dtype=dtype),
+                "timestep": torch.empty(batch, device="meta"),
+                "encoder_hidden_states": torch.empty(batch, shapes.text_tokens, config.cross_attention_dim,
+                                                     device="meta", dtype=dtype)}
 
     def noised(self, x0, noise, timesteps):
         # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; the UNet predicts eps, v or x_0
@@ -49,11 +67,10 @@ class DDIMFamily(ModelFamily):
         return latents / self.pipe.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor) -> Media:
         vae = self.pipe.vae
         image = vae.decode(self._latents_for_vae(latents.to(vae.dtype))).sample
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return images_of_pixels(image)
 
 
 class StableDiffusion(DDIMFamily):

@@ -8,9 +8,10 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from ddpo.config import SampleConfig
-from ddpo.diffusion import GaussianStep
-from ddpo.families import Conditioning, ModelFamily
+from ddpo.gaussian import GaussianStep
+from ddpo.families import Conditioning, ModelFamily, images_of_pixels
 from ddpo.flow import ode_step, sde_step_with_logprob
+from ddpo.media import Media
 
 
 class FlowMatchFamily(ModelFamily):
@@ -19,6 +20,9 @@ class FlowMatchFamily(ModelFamily):
     sigma eps with velocity v = eps - x_0."""
 
     denoiser_name = "transformer"
+    step_settings = "flow"  # sample.flow: noise_level, sde_type, the SDE window
+    step_name = "the flow SDE"
+    size_rule = "the VAE's scale factor x the transformer's patch_size, as StableDiffusion3Pipeline checks"
     # the attention projections of every attention module; on SD3.5-Medium this also takes the
     # second self-attention (attn2) of its dual-attention blocks, which Flow-GRPO leaves out (its
     # `attn.*` list: configs/sd35_pickscore.yaml)
@@ -55,18 +59,22 @@ class FlowMatchFamily(ModelFamily):
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor
-        return self.pipe.vae.config.latent_channels, height // scale, width // scale
+        return self.latent_channels(self.pipe.vae.config), height // scale, width // scale
 
     @classmethod
-    def check_config(cls, config) -> None:
-        """An SDE window, CPS and DiffusionNFT are all flow-matching methods: nothing to refuse."""
+    def text_tokens(cls, clip_tokens, sequence_length):
+        return sequence_length  # the T5 (or other) encoder's alone, as FLUX and Qwen-Image
+
+    @classmethod
+    def size_multiple(cls, config_of) -> int:
+        return cls.vae_scale_factor(config_of("vae")) * config_of(cls.denoiser_name)["patch_size"]
 
     def step(self, model_output, timesteps, latents, sample: SampleConfig, prev_sample=None,
              generator=None) -> GaussianStep:
         return sde_step_with_logprob(
-            self.scheduler, model_output, timesteps, latents, noise_level=sample.noise_level,
+            self.scheduler, model_output, timesteps, latents, noise_level=sample.flow.noise_level,
             prev_sample=prev_sample, generator=generator, log_prob_reduction=sample.log_prob_reduction,
-            sde_type=sample.sde_type)
+            sde_type=sample.flow.sde_type)
 
     def ode_step(self, model_output, timesteps, latents):
         return ode_step(self.scheduler, model_output, timesteps, latents)
@@ -76,12 +84,11 @@ class FlowMatchFamily(ModelFamily):
         return (1 - sigma) * x0 + sigma * noise, noise - x0
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor) -> Media:
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         image = vae.decode(latents).sample
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return images_of_pixels(image)
 
 
 class StableDiffusion3(FlowMatchFamily):
@@ -99,3 +106,17 @@ class StableDiffusion3(FlowMatchFamily):
     def forward(self, latents, timesteps, cond: Conditioning, guidance_scale):
         return self.denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
                              pooled_projections=cond["pooled"]).sample
+
+    @classmethod
+    def text_tokens(cls, clip_tokens, sequence_length):
+        return clip_tokens + sequence_length  # CLIP's, then T5's (zeros without T5)
+
+    @classmethod
+    def meta_inputs(cls, denoiser, batch, shapes):
+        config, dtype = denoiser.config, denoiser.dtype
+        return {"hidden_states": torch.empty(batch, shapes.latent_channels, shapes.latent_height, shapes.latent_width,
+                                             device="meta", dtype=dtype),
+                "timestep": torch.empty(batch, device="meta"),
+                "encoder_hidden_states": torch.empty(batch, shapes.text_tokens, config.joint_attention_dim,
+                                                     device="meta", dtype=dtype),
+                "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device="meta", dtype=dtype)}

@@ -16,10 +16,28 @@ class StableDiffusionXL(DDIMFamily):
 
     @classmethod
     def prepare(cls, pipe):
-        # SDXL's VAE overflows in float16 (its config says force_upcast): decode in float32
-        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
-            pipe.vae.to(torch.float32)
+        cls.upcast(pipe.components)
         return super().prepare(pipe)
+
+    @classmethod
+    def upcast(cls, components):
+        # SDXL's VAE overflows in float16 (its config says force_upcast): decode in float32
+        vae = components.get("vae")
+        if vae is not None and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)
+
+    @classmethod
+    def meta_inputs(cls, denoiser, batch, shapes):
+        """The UNet's inputs and the added conditioning: the pooled text embedding and the 6 time ids."""
+        config, dtype = denoiser.config, denoiser.dtype
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {**super().meta_inputs(denoiser, batch, shapes),
+                "added_cond_kwargs": {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
+                                      "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype)}}
+
+    @classmethod
+    def meta_conditioning(cls, inputs):
+        return [*super().meta_conditioning(inputs), inputs["added_cond_kwargs"]["text_embeds"]]  # not the time ids
 
     def encode(self, prompts, with_negative):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
