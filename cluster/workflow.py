@@ -108,7 +108,7 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     """Sample `num_per_prompt` images of each prompt with the run's model and sampler settings
     and the LoRA of a checkpoint (the latest by default; none with `base`), `batch_size` images
     a call (default `sample.batch_size`); image i of every prompt from seed `sample_seed(seed, i)`. Writes
-    `<out>/<prompt-slug>_<i>.png` and a captioned `<out>/grid.png`; default out:
+    `<out>/<prompt-slug>_<i>.png` (a video family: `.webp`) and a captioned `<out>/grid.png`; default out:
     `RUN_DIR/samples_<checkpoint name>` (or `samples_base`)."""
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
     if prompts is not None and not all(p.strip() for p in prompts):
