@@ -399,8 +399,6 @@ def _pipeline_info(source: str, revision: str | None) -> tuple[str, list[str]]:
     from ddpo.families import family_named
     from ddpo.pipeline import model_index
 
-    if source == BUILTIN_TINY:
-        return "StableDiffusionPipeline", []
     try:
         index = model_index(str(BUILTIN_FOLDERS.get(source, source)), revision)
         cls = family_named(index["_class_name"]).pipeline_class

@@ -244,8 +244,6 @@ PACKAGES = ["ddpo", "cluster", "actors", "learner", "rewards"]
 ALLOWED = {
     "ddpo/families/": "the families themselves",
     "ddpo/pipeline.py": "its builtin builders: builtin:tiny is a StableDiffusionPipeline built in code",
-    "cluster/workflow.py": "_pipeline_info's special case for builtin:tiny, which ddpo.pipeline.model_index now "
-                           "answers like any folder (left to the engineer rewriting cluster/)",
 }
 
 
