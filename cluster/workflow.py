@@ -410,6 +410,11 @@ def _pipeline_info(source: str, revision: str | None) -> tuple[str, list[str]]:
     return cls.__name__, absent
 
 
+def _task(config: Config) -> str:
+    """The model's Hugging Face task tag: a run of clips (sample.num_frames > 1) is text-to-video."""
+    return "text-to-video" if config.sample.num_frames > 1 else "text-to-image"
+
+
 def _describe_base(pretrained: str, revision: str | None, seed: int) -> str:
     if pretrained == BUILTIN_TINY:
         return (f"`{BUILTIN_TINY}`: ddpo-ray's tiny random Stable-Diffusion-shaped pipeline, built in code "
@@ -431,6 +436,8 @@ def _describe_sampler(config: Config) -> str:
     flow ODE (Flow-GRPO-Fast, MixGRPO, CPS), or the plain ODE (DiffusionNFT)."""
     s, f = config.sample, config.sample.flow
     head, size = f"{s.num_steps} steps, guidance scale {s.guidance_scale:g}", f"{s.height}x{s.width}"
+    if s.num_frames > 1:
+        size = f"{s.num_frames} frames of {size}"
     if config.train.algorithm == "diffusion_nft":
         return f"{head}, the deterministic flow ODE (Euler), {size}"
     if f.sde_window:
@@ -453,7 +460,7 @@ def model_card(config: Config, config_text: str, checkpoint: str, epochs: int, e
     if _is_hub_id(m.pretrained):
         front["base_model"] = m.pretrained
     front["tags"] = list(dict.fromkeys(
-        (["lora"] if not merged else []) + ["ddpo", "diffusers", "text-to-image", "reinforcement-learning",
+        (["lora"] if not merged else []) + ["ddpo", "diffusers", _task(config), "reinforcement-learning",
                                             t.algorithm.replace("_", "-")]
         + [term.name for term in terms if ":" not in term.name]))
     if merged and "base_model" in front:

@@ -110,6 +110,9 @@ class SampleConfig:
     # for SD3, FLUX and Qwen-Image at their published sizes; `ModelFamily.size_multiple`)
     height: int = 32
     width: int = 32
+    # frames per sample: 1 for an image; a video family's clip length, on its VAE's frame rule
+    # (Wan: 4k + 1, one latent frame per 4 frames after the first; `ModelFamily.frame_multiple`)
+    num_frames: int = 1
     # images per sampler task (one "sample batch", the unit that carries an id)
     batch_size: int = 8
     # sample batches per epoch; samples per epoch = batch_size * num_batches_per_epoch
@@ -223,6 +226,9 @@ class RewardConfig:
     # a free reward actor scores every sample batch waiting (whole batches, from any sampler)
     # in one call of up to this many images
     max_batch_images: int = 64
+    # an image reward on a video model scores every frame; a clip's reward is the frames'
+    # `mean`, or their `min` (every frame must be good)
+    frame_reduction: Literal["mean", "min"] = "mean"
     # a call that raises or runs longer than this is retried once on another reward actor,
     # then the run fails naming the reward
     timeout_s: float = 600.0
@@ -669,6 +675,7 @@ def validate(config: Config) -> None:
     _check(s.guidance_scale >= 1.0, "sample.guidance_scale: must be >= 1 (1 = no guidance)")
     # the multiple they must be is the model family's (ModelFamily.size_multiple, checked at load)
     _check(s.height > 0 and s.width > 0, "sample.height/sample.width: must be positive")
+    _check(s.num_frames >= 1, "sample.num_frames: must be >= 1 (1 for an image)")
     _check(s.batch_size >= 1, "sample.batch_size: must be >= 1")
     _validate_flow(config)
     _check(s.num_batches_per_epoch >= 1, "sample.num_batches_per_epoch: must be >= 1")

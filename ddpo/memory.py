@@ -459,6 +459,7 @@ class Shapes:
     latent_height: int
     latent_width: int
     text_tokens: int  # the conditioning's sequence length as the denoiser sees it
+    latent_frames: int = 1  # a video family's latent frames (an image: 1)
 
 
 def vae_scale_factor(model: MetaModel) -> int:

@@ -282,20 +282,28 @@ def _family_in(pretrained: str, index: dict) -> type[ModelFamily]:
 def check_family_settings(config, model: ModelFamily | None = None) -> None:
     """Refuse, with a ConfigError naming the field, settings that the model's family cannot
     honour (`ModelFamily.check_config`: another step's settings, DiffusionNFT on a DDIM model,
-    an image size off its multiple). Without `model` (before it loads) it reads the model's
-    configs alone: its model_index.json and its components' config.json."""
+    an image size off its multiple, a clip length off its frame rule). Without `model` (before
+    it loads) it reads the model's configs alone: its model_index.json and its components'
+    config.json."""
     pretrained, revision = config.model.pretrained, config.model.revision
     if model is None:
         family = _family_in(pretrained, model_index(pretrained, revision))
-        try:
-            multiple = family.size_multiple(lambda name: component_config(pretrained, name, revision))
-        except Exception:  # a hub model's configs out of reach here: its size is checked where it loads
-            multiple = None
+
+        def config_of(name):
+            return component_config(pretrained, name, revision)
     else:
         family = type(model)
-        multiple = family.size_multiple(lambda name: getattr(model.pipe, name).config)
+
+        def config_of(name):
+            return getattr(model.pipe, name).config
     try:
-        family.check_config(config, multiple)
+        multiple, frames = family.size_multiple(config_of), family.frame_multiple(config_of)
+    except Exception:  # a hub model's configs out of reach here: its sizes are checked where it loads
+        if model is not None:
+            raise
+        multiple = frames = None
+    try:
+        family.check_config(config, multiple, frames)
     except ConfigError as err:
         raise ConfigError(f"{err} (model.pretrained '{pretrained}' is a {family.__name__} model)") from None
 

@@ -53,7 +53,7 @@ def sample_trajectories(model: ModelFamily, prompts: list[str], seeds: list[int]
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     timesteps = model.set_timesteps(s.num_steps, s.height, s.width)
     sde_steps = range(len(timesteps)) if sde_steps is None else sde_steps
-    latents = model.initial_latents(generators, s.height, s.width)  # x_T
+    latents = model.initial_latents(generators, s.height, s.width, s.num_frames)  # x_T
 
     stored, log_probs = [], []
     for i, t in enumerate(timesteps):

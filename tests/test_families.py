@@ -1,5 +1,5 @@
-"""Model families behind one seam: SD 1.x, SDXL, SD3, FLUX and Qwen-Image, each tiny, saved to a
-temp dir and loaded through from_pretrained; each samples as its own diffusers pipeline does,
+"""Model families behind one seam: SD 1.x, SDXL, SD3, FLUX, Qwen-Image and Wan (video), each tiny,
+saved to a temp dir and loaded through from_pretrained; each samples as its own diffusers pipeline does,
 recomputes its stored log-probs, round-trips its LoRA through `load_lora_weights`, and trains
 through Ray."""
 
@@ -20,8 +20,14 @@ from tests.tiny_families import BUILDERS
 
 FAMILIES = {"sd": ("StableDiffusion", build_tiny_pipeline), "sdxl": ("StableDiffusionXL", BUILDERS["sdxl"]),
             "sd3": ("StableDiffusion3", BUILDERS["sd3"]), "flux": ("Flux", BUILDERS["flux"]),
-            "qwenimage": ("QwenImage", BUILDERS["qwenimage"])}
+            "qwenimage": ("QwenImage", BUILDERS["qwenimage"]), "wan": ("Wan", BUILDERS["wan"])}
 SAMPLE = SampleConfig(num_steps=3, guidance_scale=3.0, height=32, width=32)
+FRAMES = {"wan": 5}  # the video family's clips: 3 latent frames of the tiny VAE (2x in time)
+
+
+def sample_of(name: str, **changes) -> SampleConfig:
+    """The tests' sampling settings for a family: a video family's clips have FRAMES[name] frames."""
+    return SampleConfig(**{**SAMPLE.__dict__, "num_frames": FRAMES.get(name, 1), **changes})
 PROMPTS, SEEDS = ["a cat", "a red dog"], [5, 6]
 
 
@@ -39,20 +45,25 @@ def test_the_family_comes_from_model_index_and_samples_as_its_pipeline(folders, 
     same prompts, guidance, initial noise, schedule and decoding give the same images."""
     model = load_pipeline(folders[name])
     assert type(model).__name__ == FAMILIES[name][0]
-    quiet = SampleConfig(**{**SAMPLE.__dict__, "ddim": DDIMConfig(eta=1e-6), "flow": FlowConfig(noise_level=1e-6)})
+    quiet = sample_of(name, ddim=DDIMConfig(eta=1e-6), flow=FlowConfig(noise_level=1e-6))
     trajectories = sample_trajectories(model, PROMPTS, SEEDS, quiet)
-    extra = {"eta": 0.0} if name in ("sd", "sdxl") else {}
+    extra = {"eta": 0.0} if name in ("sd", "sdxl") else {"num_frames": FRAMES[name]} if name in FRAMES else {}
     if name == "qwenimage":  # true CFG: the negative prompt's pass, rescaled to the conditional norm
         guidance = {"true_cfg_scale": SAMPLE.guidance_scale, "negative_prompt": model.negative_prompt}
     else:
         guidance = {"guidance_scale": SAMPLE.guidance_scale}
 
     def pipe(output_type: str):
-        return model.pipe(PROMPTS, num_inference_steps=SAMPLE.num_steps, height=32, width=32, output_type=output_type,
-                          generator=[torch.Generator().manual_seed(s) for s in SEEDS], **guidance, **extra).images
+        out = model.pipe(PROMPTS, num_inference_steps=SAMPLE.num_steps, height=32, width=32, output_type=output_type,
+                         generator=[torch.Generator().manual_seed(s) for s in SEEDS], **guidance, **extra)
+        return out.frames if name in FRAMES else out.images
 
     # our uint8 rounding (0.5/255) and float32 differences between the two samplers, far below 1/255
-    assert np.abs(trajectories.media.images.astype(np.float64) / 255 - pipe("np")).max() <= 1.5 / 255
+    ours = trajectories.media.frames if name in FRAMES else trajectories.media.images
+    assert trajectories.media.medium == model.medium and ours.shape[1:2] == (FRAMES.get(name, 32),)
+    assert np.abs(ours.astype(np.float64) / 255 - pipe("np")).max() <= 1.5 / 255
+    if name == "wan":  # the latents themselves, [B, C, f, h, w], as the pipeline's
+        torch.testing.assert_close(trajectories.latents[:, -1], pipe("latent"), rtol=0, atol=1e-4)
     if name == "qwenimage":
         # the tiny video VAE all but hides its latents (guidance or none moves the images by about
         # 1/255): x_0 itself agrees, to the step noise left (noise_level 1e-6) and float32 rounding
@@ -95,17 +106,37 @@ def test_the_t5_sequence_length_is_the_configs(folders):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_stored_and_recomputed_log_probs_agree(folders, name):
     """|ratio - 1| < 1e-4 for every step of every sample, all steps rescored in one batch."""
-    model = load_pipeline(folders[name])
-    traj = sample_trajectories(model, PROMPTS, SEEDS, SAMPLE)
-    n, steps = len(PROMPTS), SAMPLE.num_steps
-    cond, negative = model.encode(PROMPTS * steps, with_negative=model.uses_cfg(SAMPLE.guidance_scale))
-    model.set_timesteps(steps, SAMPLE.height, SAMPLE.width)
+    model, sample = load_pipeline(folders[name]), sample_of(name)
+    traj = sample_trajectories(model, PROMPTS, SEEDS, sample)
+    n, steps = len(PROMPTS), sample.num_steps
+    cond, negative = model.encode(PROMPTS * steps, with_negative=model.uses_cfg(sample.guidance_scale))
+    model.set_timesteps(steps, sample.height, sample.width)
     flat = lambda x: x.transpose(0, 1).reshape(n * steps, *x.shape[2:])  # noqa: E731  [B, T, ...] -> [T*B, ...]
     with torch.no_grad():
         step = step_log_prob(model, flat(traj.latents[:, :-1]), flat(traj.latents[:, 1:]), flat(traj.timesteps),
-                             cond, negative, SAMPLE)
+                             cond, negative, sample)
     ratio = torch.exp(step.log_prob - flat(traj.log_probs))
     assert (ratio - 1).abs().max() < 1e-4  # the design's contract: under the paper's clip range 1e-4
+
+
+def test_the_clip_length_and_size_follow_the_wan_models_own_configs(folders):
+    """Wan's rules from its components' configs, before it loads: frames k * (the VAE's temporal
+    scale) + 1 (the tiny VAE's 2), sizes a multiple of its spatial scale x patch (2 x 2); an image
+    family refuses frames. The published UniPC scheduler is swapped for the Euler flow-matching
+    one with its shift."""
+    from ddpo.config import ConfigError, load_config
+    from ddpo.pipeline import check_family_settings
+
+    wan = [f"model.pretrained={folders['wan']}", "sample.height=32", "sample.width=32"]
+    check_family_settings(load_config(None, wan + ["sample.num_frames=5"]))
+    for override, message in ((["sample.num_frames=6"], r"sample\.num_frames: must be 2k \+ 1 for Wan .*got 6"),
+                              (["sample.num_frames=5", "sample.width=34"], r"sample\.width: must be a multiple of 4 "),
+                              ([f"model.pretrained={folders['sd']}", "sample.num_frames=5"],
+                               r"sample\.num_frames: StableDiffusion makes images \(one frame\)")):
+        with pytest.raises(ConfigError, match=rf"^{message}[^\n]*model\.pretrained '[^\n]*$"):
+            check_family_settings(load_config(None, wan + override))
+    scheduler = load_pipeline(folders["wan"]).scheduler
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and scheduler.config.shift == 3.0
 
 
 def test_concat_pads_unequal_sequences_with_zeros():
@@ -163,25 +194,28 @@ def test_the_saved_lora_loads_with_the_pipelines_load_lora_weights(folders, name
             p.add_(0.3 * torch.randn(p.shape, generator=g))
     save_lora(trained, tmp_path)
 
-    fresh = load_pipeline(folders[name])
-    plain = sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).media.images
+    fresh, sample = load_pipeline(folders[name]), sample_of(name)
+    plain = sample_trajectories(fresh, PROMPTS, SEEDS, sample).media.frames
     fresh.pipe.load_lora_weights(str(tmp_path))
-    expected = sample_trajectories(trained, PROMPTS, SEEDS, SAMPLE).media.images
-    assert not np.array_equal(plain, expected)  # the LoRA changes the images...
-    np.testing.assert_array_equal(sample_trajectories(fresh, PROMPTS, SEEDS, SAMPLE).media.images, expected)  # ...exactly
+    expected = sample_trajectories(trained, PROMPTS, SEEDS, sample).media.frames
+    assert not np.array_equal(plain, expected)  # the LoRA changes the samples...
+    np.testing.assert_array_equal(sample_trajectories(fresh, PROMPTS, SEEDS, sample).media.frames, expected)  # ...exactly
     # and the learner reads it back for --resume
     assert trained.read_lora(tmp_path).keys() == {k.replace(".default", "") for k, _ in
                                                   trained.denoiser.named_parameters() if "lora_" in k}
 
 
 # FLUX with a window of 2 CPS steps in a 3-step ODE schedule, Qwen-Image with a window of 2
-# Flow-GRPO SDE steps (its published recipe's kind of window), SD3 with the SDE throughout
+# Flow-GRPO SDE steps (its published recipe's kind of window), Wan's clips with one CPS step of 3,
+# SD3 with the SDE throughout
 WINDOW = {"flux": {"sample.num_steps": 3, "sample.flow.sde_window": 2, "sample.flow.sde_type": "cps",
                    "sample.flow.sde_window_range": "[0,2]"},
-          "qwenimage": {"sample.num_steps": 3, "sample.flow.sde_window": 2, "sample.flow.sde_window_range": "[0,2]"}}
+          "qwenimage": {"sample.num_steps": 3, "sample.flow.sde_window": 2, "sample.flow.sde_window_range": "[0,2]"},
+          "wan": {"sample.num_frames": 5, "sample.num_steps": 3, "sample.flow.sde_window": 1,
+                  "sample.flow.sde_type": "cps", "sample.flow.sde_window_range": "[0,2]"}}
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwenimage", "wan"])
 def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     from cluster.driver import Driver
     from cluster.run_dir import make_run_dir
@@ -191,12 +225,29 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
                                       "advantage.mode": "group", "advantage.group_size": 4,
                                       "train.kl_coef": 0.04, "cluster.num_samplers": 1, "cluster.num_learners": 1,
                                       **WINDOW.get(name, {})})
-    driver = Driver(config, make_run_dir(config))
+    run_dir = make_run_dir(config)
+    driver = Driver(config, run_dir)
     try:
         (metrics,) = driver.fit()
     finally:
         driver.shutdown()
     assert metrics["policy_version"] == 1 and metrics["num_samples"] == 8 and np.isfinite(metrics["loss"])
+    if name == "wan":  # `ddpo export`: the run's LoRA loads into a plain WanPipeline and changes its clips
+        from diffusers import WanPipeline
+
+        from cluster.workflow import export_run
+
+        export_run(run_dir, tmp_path / "export")
+        assert "text-to-video" in (tmp_path / "export" / "README.md").read_text()
+        pipe = WanPipeline.from_pretrained(folders[name])
+
+        def clip():
+            return pipe("a cat", num_frames=5, height=32, width=32, num_inference_steps=2, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).frames
+
+        base = clip()
+        pipe.load_lora_weights(str(tmp_path / "export"))
+        assert clip().shape == base.shape == (1, 5, 32, 32, 3) and not np.array_equal(clip(), base)
     # two minibatches of 4, an optimizer step after each: the second is scored by a policy that has
     # left the reference (the adapter disabled), so the KL to it is positive
     assert metrics["kl_ref"] > 0

@@ -1,4 +1,4 @@
-"""Tiny SDXL, SD3, FLUX and Qwen-Image pipelines with random weights, built from configs in code
+"""Tiny SDXL, SD3, FLUX, Qwen-Image and Wan pipelines with random weights, built from configs in code
 (the shapes of the real ones, the sizes of a unit test). 32x32 images are 16x16 latents."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -16,6 +17,9 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -26,6 +30,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from ddpo.pipeline import _TINY_VOCAB, sd_scheduler, word_level_tokenizer
@@ -150,4 +156,30 @@ def build_tiny_qwenimage(seed: int = 0) -> QwenImagePipeline:
                              transformer=transformer)
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "qwenimage": build_tiny_qwenimage}
+def build_tiny_wan(seed: int = 0) -> WanPipeline:
+    """Wan 2.1 text-to-video in miniature: a 2-layer UMT5 text encoder, a causal video VAE with
+    one 2x downsampling in space and in time (clips of 2k + 1 frames; Wan's has 8x and 4x) and
+    its latents' mean/std normalisation, a 2-block transformer on (1, 2, 2) patches, and Wan
+    2.1's published scheduler, UniPC on flow sigmas with flow_shift 3 (which the family swaps for
+    the Euler flow-matching scheduler)."""
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer(_TINY_VOCAB)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=HIDDEN, d_kv=8, d_ff=64,
+                                               num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                               pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
+                           scale_factor_spatial=2, scale_factor_temporal=2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=HIDDEN, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    for module in (text_encoder, vae, transformer):
+        module.eval()  # as from_pretrained leaves them
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+BUILDERS = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "qwenimage": build_tiny_qwenimage,
+            "wan": build_tiny_wan}

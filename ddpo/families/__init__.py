@@ -11,7 +11,8 @@ size rule, its latents' shape and dtype, and decoding (tests/test_family_seam.py
 
 Latents have the shape and dtype the family gives them (`latent_shape`, `latent_dtype`): the
 rollout, the Gaussian steps and their log-probs work on any. The shipped families keep them
-unpacked, [B, C, h, w] (FLUX and Qwen-Image pack 2x2 patches inside their forward).
+unpacked, [B, C, h, w] (FLUX and Qwen-Image pack 2x2 patches inside their forward), and a video
+family's [B, C, f, h, w] (Wan).
 """
 
 from __future__ import annotations
@@ -106,11 +107,19 @@ def _moved(row: Conditioning, device: torch.device) -> Conditioning:
     return {k: v.to(device) for k, v in row.items()}
 
 
+def _uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] as uint8, rounded as the pipelines' `numpy_to_pil` does."""
+    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def images_of_pixels(pixels: torch.Tensor) -> Media:
-    """A VAE's decoded pixels [B, 3, H, W] in [-1, 1] as uint8 images, rounded as the pipelines'
-    `numpy_to_pil` does."""
-    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
-    return Media.from_images((pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    """A VAE's decoded pixels [B, 3, H, W] in [-1, 1] as uint8 images."""
+    return Media.from_images(_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def videos_of_pixels(pixels: torch.Tensor, fps: float) -> Media:
+    """A video VAE's decoded pixels [B, 3, F, H, W] in [-1, 1] as uint8 clips at `fps`."""
+    return Media.from_videos(_uint8(pixels).permute(0, 2, 3, 4, 1).cpu().numpy(), fps)
 
 
 class ModelFamily:
@@ -185,10 +194,12 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
-    def check_config(cls, config: Config, size_multiple: int | None = None) -> None:
+    def check_config(cls, config: Config, size_multiple: int | None = None,
+                     frame_multiple: int | None = None) -> None:
         """Refuse, in one line (a ConfigError naming the field), settings this family cannot
         honour: another kind of step's settings away from their defaults, DiffusionNFT without
-        a flow-matching step, and, given the model's `size_multiple`, an image size off it."""
+        a flow-matching step, and, given the model's `size_multiple` and `frame_multiple`, an
+        image size or clip length off them (an image family: more than one frame)."""
         for kind, settings in step_settings_of(config.sample).items():
             changed = changed_settings(settings)
             if kind != cls.step_settings and changed:
@@ -202,6 +213,13 @@ class ModelFamily:
             if value % size_multiple:
                 raise ConfigError(f"sample.{key}: must be a multiple of {size_multiple} for {cls.__name__} "
                                   f"({cls.size_rule}), got {value}")
+        frames = config.sample.num_frames
+        if cls.medium == "image" and frames != 1:
+            raise ConfigError(f"sample.num_frames: {cls.__name__} makes images (one frame); remove it or set 1, "
+                              f"got {frames}")
+        if cls.medium == "video" and frame_multiple and (frames - 1) % frame_multiple:
+            raise ConfigError(f"sample.num_frames: must be {frame_multiple}k + 1 for {cls.__name__} (one latent "
+                              f"frame for the first, one per {frame_multiple} after it), got {frames}")
 
     @classmethod
     def vae_scale_factor(cls, vae_config: Mapping[str, Any]) -> int:
@@ -216,12 +234,19 @@ class ModelFamily:
         pipeline's `vae`; read from the model's folder before it loads, or from the loaded one)."""
         return cls.vae_scale_factor(config_of("vae"))
 
+    @classmethod
+    def frame_multiple(cls, config_of: Callable[[str], Mapping[str, Any]]) -> int | None:
+        """A video family's frames per latent frame after the first (sample.num_frames must be
+        k * this + 1), from its components' configs as `size_multiple`; None for an image family."""
+        return None
+
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(x_t, the denoiser's training target) for the ordinary denoising loss (RWR)."""
         raise NotImplementedError
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        """One sample's latents (without the batch) for an image of `height` x `width`."""
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
+        """One sample's latents (without the batch) for an image of `height` x `width` (a video
+        family: a clip of `num_frames` such frames)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> Media:
@@ -357,10 +382,11 @@ class ModelFamily:
             encoder.to("cpu")
         return freed
 
-    def initial_latents(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+    def initial_latents(self, generators: list[torch.Generator], height: int, width: int,
+                        num_frames: int = 1) -> torch.Tensor:
         """x_T ~ N(0, I) in the family's latent shape and dtype: each sample's noise from its own
         generator."""
-        shape = (len(generators), *self.latent_shape(height, width))
+        shape = (len(generators), *self.latent_shape(height, width, num_frames))
         return randn_tensor(shape, generator=generators, device=self.device, dtype=self.latent_dtype)
 
     def predict(self, latents: torch.Tensor, timesteps, cond: Conditioning, negative: Conditioning | None,

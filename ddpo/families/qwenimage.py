@@ -43,7 +43,7 @@ class QwenImage(FlowMatchFamily):
     def _sigmas(self, num_steps: int) -> np.ndarray:
         return np.linspace(1.0, 1 / num_steps, num_steps)  # as QwenImagePipeline
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor  # rounded down to whole 2x2 patches, as QwenImagePipeline
         return self.latent_channels(self.pipe.vae.config), 2 * (height // (2 * scale)), 2 * (width // (2 * scale))
 

@@ -29,7 +29,7 @@ class DDIMFamily(ModelFamily):
         self.scheduler.set_timesteps(num_steps, device=self.device)
         return self.scheduler.timesteps
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor
         return self.denoiser.config.in_channels, height // scale, width // scale
 

@@ -57,7 +57,7 @@ class FlowMatchFamily(ModelFamily):
         scheduler.set_timesteps(num_steps, device=self.device, sigmas=self._sigmas(num_steps), **kwargs)
         return scheduler.timesteps
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor
         return self.latent_channels(self.pipe.vae.config), height // scale, width // scale
 
