@@ -22,6 +22,7 @@ class RewardWorker:
         # the trained reward, and the held-out one (`reward.heldout`, the guard's; may be empty)
         self.terms = {"trained": [(t.name, t.weight, load_reward(t.name, t.params)) for t in reward.terms()],
                       "heldout": [(t.name, t.weight, load_reward(t.name, t.params)) for t in reward.heldout]}
+        self.frame_reduction = reward.frame_reduction  # an image reward on clips: their frames' mean or min
 
     def score(self, *batches: pa.RecordBatch, prompt_metadata: dict[str, dict] | None = None,
               heldout: bool = False) -> list[Scored]:
@@ -36,7 +37,7 @@ class RewardWorker:
         metadata = [{**(prompt_metadata or {}).get(prompt, {}), **row} for prompt, row in zip(prompts, rows)]
         total, info = np.zeros(len(media), np.float32), {}
         for name, weight, fn in terms:
-            rewards, term_info = compute_reward(name, fn, media, prompts, metadata)
+            rewards, term_info = compute_reward(name, fn, media, prompts, metadata, self.frame_reduction)
             total += weight * rewards  # r = sum_i w_i r_i
             if len(terms) == 1:
                 info = term_info

@@ -174,6 +174,11 @@ def check_matches(service: RewardService, reward: RewardConfig) -> None:
             f"reward.heldout: the service '{service.name}' scores the held-out reward {_describe(served.heldout)} "
             f"but the run's is {_describe(wanted.heldout)}; set the run's reward.heldout to the service's, or "
             f"start a service with the run's")
+    if served.frame_reduction != wanted.frame_reduction:
+        raise RewardServiceError(
+            f"reward.frame_reduction: the service '{service.name}' reduces a clip's frames by their "
+            f"{served.frame_reduction} but the run's is {wanted.frame_reduction}; set the run's to the service's, "
+            f"or start a service with the run's")
 
 
 def connect_service(reward: RewardConfig) -> RewardService:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from ddpo.config import Config, save_config
 from ddpo.errors import ConfigError
+from ddpo.media import Media
 from ddpo.trajectory import media_of, read_parquet, write_parquet
 
 # the rollout/train log-prob mismatch (max |ratio - 1|) above which a run warns: ten times the
@@ -109,31 +112,131 @@ def _answer(table: pa.Table, row: int) -> str:
     return str(table.column(names[0])[row].as_py()) if names else ""
 
 
-def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None,
-                cols: int = 4) -> Image.Image:
-    """A grid of the first samples, `cols` a row, each captioned with its prompt, its reward
-    (when the table has a `reward` column) and the reward's answer when it gives one. A video
-    shows as its first, middle and last frames side by side (`Media.stills`)."""
-    table = table.slice(0, max_images)
-    stills = media_of(table).stills()
+Caption = tuple[str, float | None, str]  # a grid cell's prompt, reward (or None) and answer
+# an animated grid's cells are at most this high: 16 clips of 33 frames of 480x832 make a GIF of
+# 4.3 MB in about 2 s on 2 cores at 256, and full-height cells would have 3.5 times the pixels
+ANIMATED_CELL_MAX_HEIGHT = 256
+
+
+@dataclass
+class Grid:
+    """The sample grid of a table's first rows: `still`, a picture, and for clips `frames`, the
+    animated grid's pictures (every cell at the same frame of its clip), shown at `fps`."""
+
+    still: Image.Image
+    frames: list[Image.Image]  # empty for images
+    fps: float | None
+
+
+def _captions(table: pa.Table) -> list[Caption]:
     prompts = table.column("prompt").to_pylist()
     rewards = table.column("reward").to_pylist() if "reward" in table.column_names else [None] * len(prompts)
-    height, caption, top = max(128, stills.shape[1]), 36, 16 if title else 0
-    width = round(height * stills.shape[2] / stills.shape[1])
-    cols = min(cols, len(stills))
-    rows = math.ceil(len(stills) / cols)
+    return [(prompt, reward, _answer(table, i)) for i, (prompt, reward) in enumerate(zip(prompts, rewards))]
+
+
+def _draw_grid(pictures: np.ndarray, captions: list[Caption], title: str | None, cols: int, height: int,
+               resample: int = Image.NEAREST) -> Image.Image:
+    """uint8 pictures [N, h, w, 3] in cells `height` high, `cols` a row, each captioned with its
+    prompt, its reward (when there is one) and the reward's answer (when it gives one)."""
+    caption, top = 36, 16 if title else 0
+    width = round(height * pictures.shape[2] / pictures.shape[1])
+    cols = min(cols, len(pictures))
+    rows = math.ceil(len(pictures) / cols)
     grid = Image.new("RGB", (cols * width, top + rows * (height + caption)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((4, 2), title, fill="black")
-    for i, (still, prompt, reward) in enumerate(zip(stills, prompts, rewards)):
+    for i, (picture, (prompt, reward, answer)) in enumerate(zip(pictures, captions)):
         x, y = (i % cols) * width, top + (i // cols) * (height + caption)
-        grid.paste(Image.fromarray(still).resize((width, height), Image.NEAREST), (x, y))
+        grid.paste(Image.fromarray(picture).resize((width, height), resample), (x, y))
         draw.text((x + 2, y + height + 1), prompt[:24], fill="black")
         if reward is not None:
             draw.text((x + 2, y + height + 12), f"r={reward:.3f}", fill="black")
-        draw.text((x + 2, y + height + 23), _answer(table, i)[:24], fill="darkblue")
+        draw.text((x + 2, y + height + 23), answer[:24], fill="darkblue")
     return grid
+
+
+def _animated(media: Media, captions: list[Caption], title: str | None, cols: int) -> list[Image.Image]:
+    """The animated grid's pictures, one per frame: every cell shows its clip's frame t. Cells as
+    high as the stills' up to ANIMATED_CELL_MAX_HEIGHT (nearest neighbour up, box filter down)."""
+    frame_height = media.frames.shape[2]
+    height = min(max(128, frame_height), ANIMATED_CELL_MAX_HEIGHT)
+    resample = Image.NEAREST if height >= frame_height else Image.BOX
+    return [_draw_grid(media.frames[:, t], captions, title, cols, height, resample)
+            for t in range(media.frames.shape[1])]
+
+
+def sample_grids(table: pa.Table, max_images: int = 16, title: str | None = None, cols: int = 4,
+                 animated: bool = True) -> Grid:
+    """The grid of the first samples, `cols` a row, each captioned with its prompt, its reward
+    (when the table has a `reward` column) and the reward's answer when it gives one. A video's
+    still is its first, middle and last frames side by side (`Media.stills`); its animated grid
+    (unless not `animated`) plays the clips in step."""
+    table = table.slice(0, max_images)
+    media, captions = media_of(table), _captions(table)
+    stills = media.stills()
+    still = _draw_grid(stills, captions, title, cols, max(128, stills.shape[1]))
+    frames = _animated(media, captions, title, cols) if animated and media.medium == "video" else []
+    return Grid(still, frames, media.fps)
+
+
+def sample_grid(table: pa.Table, max_images: int = 16, title: str | None = None, cols: int = 4) -> Image.Image:
+    """The still picture of `sample_grids`."""
+    return sample_grids(table, max_images, title, cols, animated=False).still
+
+
+def gif_bytes(frames: list[Image.Image], fps: float) -> bytes:
+    """Pictures as an animated GIF that loops, at about `fps`: GIF counts a frame's delay in
+    whole 1/100 s, so 16 fps plays at 16.7 (6/100 s a frame) and 8 fps at 8.3."""
+    # each frame to its own 256 colours by fast octree, undithered: Pillow's default median cut
+    # took 11 s for a grid of 16 clips of 33 frames of 480x832 on 2 cores, this 2 s
+    paletted = [frame.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE) for frame in frames]
+    buffer = io.BytesIO()
+    delay_ms = 10 * max(1, round(100 / fps))
+    paletted[0].save(buffer, format="GIF", save_all=True, append_images=paletted[1:], duration=delay_ms, loop=0)
+    return buffer.getvalue()
+
+
+def write_grid(grid: Grid, stem: Path) -> bytes | None:
+    """`<stem>.png`, the still grid, and for clips `<stem>.gif`, the animated one, whose bytes it
+    returns (None for images)."""
+    grid.still.save(stem.with_name(stem.name + ".png"))
+    if not grid.frames:
+        return None
+    data = gif_bytes(grid.frames, grid.fps)
+    stem.with_name(stem.name + ".gif").write_bytes(data)
+    return data
+
+
+def _side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    both = Image.new("RGB", (left.width + 16 + right.width, max(left.height, right.height)), "white")
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + 16, 0))
+    return both
+
+
+def before_after(before: Grid, after: Grid) -> Grid:
+    """Two grids side by side: the still ones, and the animated ones frame by frame (a shorter
+    clip holds its last frame)."""
+    still = _side_by_side(before.still, after.still)
+    if not (before.frames and after.frames):
+        return Grid(still, [], None)
+    def at(grid: Grid, t: int) -> Image.Image:
+        return grid.frames[min(t, len(grid.frames) - 1)]
+
+    count = max(len(before.frames), len(after.frames))
+    return Grid(still, [_side_by_side(at(before, t), at(after, t)) for t in range(count)], after.fps)
+
+
+def add_gif(writer, tag: str, data: bytes, size: tuple[int, int], step: int) -> None:
+    """An animated GIF logged to a SummaryWriter as an image summary whose encoded bytes are the
+    GIF, which TensorBoard's images dashboard plays: what `add_video` writes, without the
+    moviepy it needs to encode. `size` is the GIF's (width, height)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    image = Summary.Image(height=size[1], width=size[0], colorspace=3, encoded_image_string=data)
+    # the writer's own event file, through the accessor its add_video uses
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def reward_summary(table: pa.Table) -> dict[str, float]:
@@ -208,8 +311,9 @@ def start_tensorboard(logdir: Path) -> str:
 
 
 class RunRecorder:
-    """Writes each epoch into the run directory: trajectories (Parquet), the sample grid, the
-    metrics line, TensorBoard scalars and grid (`tensorboard/`), and the curves PNG (every
+    """Writes each epoch into the run directory: trajectories (Parquet), the sample grid (and
+    for clips its animated GIF beside it), the metrics line, TensorBoard scalars and grids
+    (`tensorboard/`), and the curves PNG (every
     `CURVES_EVERY` epochs and at the end: drawing it costs the driver more than the rest of
     the epoch's record, and TensorBoard has the live curves)."""
 
@@ -250,8 +354,8 @@ class RunRecorder:
         info = {key: [v for _, i in scored for v in i[key]] for key in scored[0][1]}
         table = with_rewards(table, rewards, info)
         write_trajectories(run_dir, epoch, table)
-        grid = sample_grid(table)
-        grid.save(run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        grid = sample_grids(table)
+        gif = write_grid(grid, run_dir / "samples" / f"epoch_{epoch:04d}")
         timings = timings()
         metrics = {
             "epoch": epoch,
@@ -276,7 +380,9 @@ class RunRecorder:
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tensorboard.add_scalar(key, value, epoch)
-        self.tensorboard.add_image("samples", np.asarray(grid), epoch, dataformats="HWC")
+        self.tensorboard.add_image("samples", np.asarray(grid.still), epoch, dataformats="HWC")
+        if gif is not None:  # clips: the grid that plays them, beside the stills
+            add_gif(self.tensorboard, "samples_animated", gif, grid.frames[0].size, epoch)
         self.tensorboard.flush()
         return metrics
 
@@ -294,7 +400,8 @@ class RunRecorder:
 
     def record_eval(self, when: str, policy_version: int, table: pa.Table) -> None:
         """The fixed eval batch (`ddpo.plan.eval_plan`) `before` training or `after` it:
-        `samples/eval_<when>.parquet`, and once both exist `before_after.png` and `eval.json`."""
+        `samples/eval_<when>.parquet`, and once both exist `before_after.png` (for clips also
+        `before_after.gif`, animated) and `eval.json`."""
         write_parquet(table.append_column("eval_policy_version", pa.array([policy_version] * table.num_rows)),
                       self.run_dir / "samples" / f"eval_{when}.parquet")
         paths = {w: self.run_dir / "samples" / f"eval_{w}.parquet" for w in ("before", "after")}
@@ -302,11 +409,8 @@ class RunRecorder:
             return
         tables = {w: read_parquet(path) for w, path in paths.items()}
         summaries = {w: reward_summary(t) for w, t in tables.items()}
-        grids = [sample_grid(t, title=f"{w}: policy version {t.column('eval_policy_version')[0].as_py()}, "
-                                      f"reward mean {summaries[w]['reward_mean']:.3f}")
+        grids = [sample_grids(t, title=f"{w}: policy version {t.column('eval_policy_version')[0].as_py()}, "
+                                       f"reward mean {summaries[w]['reward_mean']:.3f}")
                  for w, t in tables.items()]
-        both = Image.new("RGB", (sum(g.width for g in grids) + 16, max(g.height for g in grids)), "white")
-        both.paste(grids[0], (0, 0))
-        both.paste(grids[1], (grids[0].width + 16, 0))
-        both.save(self.run_dir / "before_after.png")
+        write_grid(before_after(*grids), self.run_dir / "before_after")
         (self.run_dir / "eval.json").write_text(json.dumps(summaries, indent=1) + "\n")

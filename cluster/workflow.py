@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from cluster.run_dir import latest_checkpoint, sample_grid
+from cluster.run_dir import latest_checkpoint, sample_grids, write_grid
 from ddpo.config import Config, check_device, load_config
 from ddpo.errors import ConfigError
 from ddpo.pipeline import BUILTIN_FOLDERS, BUILTIN_MAX_SEQUENCE_LENGTH, BUILTIN_TINY, check_device_here
@@ -95,7 +95,7 @@ def sample_seed(seed: int, index: int) -> int:
 @dataclass
 class SampleResult:
     out: Path
-    samples: list[Path]  # one file a sample: .png an image, .webp a video (ddpo.media)
+    samples: list[Path]  # one file a sample: .png an image, .mp4 a video (ddpo.media)
     grid: Path
     checkpoint: Path | None  # None: the base model
     epochs: int
@@ -108,8 +108,9 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
     """Sample `num_per_prompt` images of each prompt with the run's model and sampler settings
     and the LoRA of a checkpoint (the latest by default; none with `base`), `batch_size` images
     a call (default `sample.batch_size`); image i of every prompt from seed `sample_seed(seed, i)`. Writes
-    `<out>/<prompt-slug>_<i>.png` (a video family: `.webp`) and a captioned `<out>/grid.png`; default out:
-    `RUN_DIR/samples_<checkpoint name>` (or `samples_base`)."""
+    `<out>/<prompt-slug>_<i>.png` (a video family: `.mp4`, `Media.save`) and a captioned `<out>/grid.png`
+    (a video family: also the animated `grid.gif`); default out: `RUN_DIR/samples_<checkpoint name>`
+    (or `samples_base`)."""
     _check_sampling(checkpoint, base, num_per_prompt, batch_size)
     if prompts is not None and not all(p.strip() for p in prompts):
         raise ConfigError("--prompt: an empty prompt")
@@ -130,11 +131,10 @@ def sample_run(run_dir: str | Path, checkpoint: str | None = None, base: bool = 
         for index, (prompt, i) in enumerate(batch):
             paths.append(trajectories.media.save(index, out / f"{names[prompt]}_{i}"))
     title = (f"{ckpt.name} ({epochs} epochs trained)" if ckpt else "the base model (no LoRA)") + f", --seed {seed}"
-    grid = sample_grid(pa.Table.from_batches(records), max_images=len(items), title=title,
-                       cols=min(num_per_prompt, 8))
-    grid_path = out / "grid.png"
-    grid.save(grid_path)
-    return SampleResult(out, paths, grid_path, ckpt, epochs)
+    grid = sample_grids(pa.Table.from_batches(records), max_images=len(items), title=title,
+                        cols=min(num_per_prompt, 8))
+    write_grid(grid, out / "grid")  # grid.png, and a video family's grid.gif
+    return SampleResult(out, paths, out / "grid.png", ckpt, epochs)
 
 
 def _check_sampling(checkpoint: str | None, base: bool, num_per_prompt: int, batch_size: int | None) -> None:

@@ -3,20 +3,29 @@ through the trajectories (Arrow), the reward call, the sample grids and the file
 writes; a family names its medium (`ModelFamily.medium`).
 
 An image is stored as PNG, a video as a lossless animated WebP: both decode to the very pixels
-that were encoded, so a reward scores the same values wherever it runs.
+that were encoded, so a reward scores the same values wherever it runs. The files `ddpo sample`
+writes are PNG for an image and MP4 (H.264) for a video, which every player opens.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ddpo.errors import UserError
+
 MEDIUMS = ("image", "video")
-SUFFIX = {"image": ".png", "video": ".webp"}
+SUFFIX = {"image": ".png", "video": ".mp4"}  # what `Media.save` writes
+# an MP4's shorter side is scaled up (nearest neighbour, by an integer factor) to at least this:
+# H.264 keeps colour at half resolution (yuv420p), which smears a tiny clip's pixels together
+MP4_MIN_SIDE = 64
+MP4_CRF = 18  # x264's "visually lossless" quality
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,13 @@ class Media:
         return cls(np.stack([_decode(item) for item in data]), medium, fps)
 
     def save(self, index: int, stem: str | Path) -> Path:
-        """Sample `index` written to `stem` + the medium's suffix (.png, .webp); returns the path."""
+        """Sample `index` written to `stem` + the medium's suffix: a PNG image, or an MP4 video
+        (`write_mp4`); returns the path."""
         path = Path(str(stem) + SUFFIX[self.medium])
-        path.write_bytes(_encode(self.frames[index], self.medium, self.fps))
+        if self.medium == "image":
+            path.write_bytes(_encode(self.frames[index], self.medium, self.fps))
+        else:
+            write_mp4(self.frames[index], self.fps, path)
         return path
 
 
@@ -114,3 +127,45 @@ def _decode(data: bytes) -> np.ndarray:
         picture.seek(i)
         frames.append(np.asarray(picture.convert("RGB")))
     return np.stack(frames)
+
+
+def mp4_scale(height: int, width: int) -> int:
+    """The integer factor a clip is scaled up by in its MP4: the shorter side to at least
+    MP4_MIN_SIDE, and both sides even (yuv420p halves them for colour; libx264 refuses odd ones)."""
+    factor = max(1, math.ceil(MP4_MIN_SIDE / min(height, width)))
+    return factor + 1 if (height * factor) % 2 or (width * factor) % 2 else factor
+
+
+def _av():
+    """PyAV, imported here and not at the top: only `ddpo sample` writes MP4s."""
+    try:
+        import av
+    except ImportError:
+        raise UserError("writing a video as MP4 needs PyAV: pip install 'av>=14'") from None
+    return av
+
+
+def mp4_codec() -> str:
+    """libx264 (H.264) where this PyAV build has it, else MPEG-4 part 2 (FFmpeg's own encoder)."""
+    return "libx264" if "libx264" in _av().codecs_available else "mpeg4"
+
+
+def write_mp4(frames: np.ndarray, fps: float, path: str | Path) -> None:
+    """A clip (uint8 [F, H, W, 3]) as an MP4 at `fps`: H.264 (libx264, CRF 18) in yuv420p, as
+    players expect, or MPEG-4 part 2 where this PyAV has no H.264 encoder. Lossy. A small or
+    odd-sized clip is scaled up by the integer factor `mp4_scale` (nearest neighbour, every pixel
+    a block): a 16x16 clip is written as 64x64, a 15x17 one as 90x102."""
+    av = _av()
+    factor = mp4_scale(*frames.shape[1:3])
+    frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
+    codec = mp4_codec()
+    with av.open(str(path), "w", format="mp4") as container:
+        # a fraction, so that an NTSC rate (23.976) stays exact (24000/1001)
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        # MPEG-4 part 2 has no CRF: its quantiser held at 2-4 (of 31) is about as close
+        stream.options = {"crf": str(MP4_CRF)} if codec == "libx264" else {"qmin": "2", "qmax": "4"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # the frames the encoder still holds

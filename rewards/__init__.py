@@ -6,7 +6,9 @@ prompt's own fields from a JSON Lines prompts file); rewards a float array [B], 
 of per-sample extras (lists of length B; an `answer` entry, such as a VLM's answer, is shown
 under each sample in the sample grids). A reward of videos says so with an attribute
 `medium = "video"` on the function or class, and gets frames uint8 [B, F, H, W, 3] instead
-(`ddpo.media.Media`): a reward scores the medium it declares, and no other.
+(`ddpo.media.Media`). An image reward on a video model scores every frame, and a clip's reward
+is its frames' mean or min (`reward.frame_reduction`, `compute_reward`); a video reward on an
+image model is an error.
 
 A reward is named in the config by a registered name (below) or a `module:attr` path, with
 keyword arguments `reward.params`:
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import numbers
 from typing import Any, Callable
 
 import numpy as np
@@ -43,6 +46,7 @@ REGISTRY: dict[str, str] = {
     "ocr": "rewards.ocr:OCRReward",
     "vlm_judge": "rewards.vlm_judge:VLMJudge",
     "geneval": "rewards.geneval:GenEval",
+    "temporal_consistency": "rewards.temporal:TemporalConsistency",
 }
 
 
@@ -102,27 +106,69 @@ def reward_medium(fn: RewardFn) -> str:
 
 
 def compute_reward(name: str, fn: RewardFn, media: Media, prompts: list[str],
-                   metadata: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, list]]:
+                   metadata: list[dict[str, Any]],
+                   frame_reduction: str = "mean") -> tuple[np.ndarray, dict[str, list]]:
     """Call a reward on the samples' images or frames, as it declares, and check what it returns:
-    never a silent zero for a broken reward."""
+    never a silent zero for a broken reward. An image reward on videos scores every frame
+    (`score_frames`), each clip's reward the `frame_reduction` ("mean" or "min") of its frames'."""
     medium = reward_medium(fn)
-    if medium != media.medium:
-        raise RewardError(f"reward '{name}' scores {medium}s, and the model makes {media.medium}s: "
-                          f"choose a reward of {media.medium}s")
+    if medium == "video" and media.medium == "image":
+        raise RewardError(f"reward '{name}' scores videos, and the model makes images: "
+                          "choose a reward of images")
+    if medium == "image" and media.medium == "video":
+        return score_frames(name, fn, media, prompts, metadata, frame_reduction)
+    return _call(name, fn, media.images if medium == "image" else media.frames, prompts, metadata, "samples")
+
+
+def _call(name: str, fn: RewardFn, inputs: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]],
+          what: str) -> tuple[np.ndarray, dict[str, list]]:
+    """`fn` on B `inputs` (images, or clips' frames), its rewards [B] and info checked; `what`
+    names the inputs in the errors (samples, frames)."""
     try:
-        rewards, info = fn(media.images if medium == "image" else media.frames, prompts, metadata)
+        rewards, info = fn(inputs, prompts, metadata)
     except (RewardError, RewardProcessDead):  # already named; a dead process restarts its actor
         raise
     except Exception as err:
         raise RewardError(f"reward '{name}' raised {type(err).__name__}: {err}") from err
     rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
-    if rewards.shape[0] != len(media):
-        raise RewardError(f"reward '{name}' returned {rewards.shape[0]} rewards for {len(media)} samples")
+    if rewards.shape[0] != len(inputs):
+        raise RewardError(f"reward '{name}' returned {rewards.shape[0]} rewards for {len(inputs)} {what}")
     if not np.all(np.isfinite(rewards)):
         raise RewardError(f"reward '{name}' returned NaN or infinite rewards")
     info = dict(info or {})
     for key, values in info.items():
-        if len(values) != len(media):
+        if len(values) != len(inputs):
             raise RewardError(f"reward '{name}' returned info '{key}' of length {len(values)} "
-                              f"for {len(media)} samples")
+                              f"for {len(inputs)} {what}")
     return rewards, info
+
+
+FRAME_REDUCTIONS = {"mean": np.mean, "min": np.min}
+
+
+def score_frames(name: str, fn: RewardFn, media: Media, prompts: list[str], metadata: list[dict[str, Any]],
+                 frame_reduction: str = "mean") -> tuple[np.ndarray, dict[str, list]]:
+    """An image reward on B clips of F frames: one call on the B*F frames, each with its clip's
+    prompt and metadata (plus `frame`, the frame's index); a clip's reward is the mean or min of
+    its frames' (`frame_reduction`). Its info comes back per clip: a numeric entry (numbers,
+    bools) as the mean over the frames (a judge's `correct` the fraction of frames judged
+    correct), any other (an `answer`) as the value at the clip's lowest-scoring frame, the one
+    that decides a `min` and shows a `mean`'s worst."""
+    if frame_reduction not in FRAME_REDUCTIONS:
+        raise RewardError(f"reward.frame_reduction: must be one of {sorted(FRAME_REDUCTIONS)}, got {frame_reduction!r}")
+    count, num_frames = media.frames.shape[:2]
+    frames = media.frames.reshape(count * num_frames, *media.frames.shape[2:])  # clip-major: clip b's frames together
+    frame_prompts = [prompt for prompt in prompts for _ in range(num_frames)]
+    frame_metadata = [{**row, "frame": f} for row in metadata for f in range(num_frames)]
+    rewards, info = _call(name, fn, frames, frame_prompts, frame_metadata, "frames")
+    rewards = rewards.reshape(count, num_frames)
+    worst = rewards.argmin(axis=1)  # each clip's lowest-scoring frame
+    return FRAME_REDUCTIONS[frame_reduction](rewards, axis=1), {
+        key: _per_clip(values, count, num_frames, worst) for key, values in info.items()}
+
+
+def _per_clip(values: list, count: int, num_frames: int, worst: np.ndarray) -> list:
+    """One info entry's B*F per-frame values as B per-clip ones (see `score_frames`)."""
+    if all(isinstance(v, (numbers.Real, np.bool_)) for v in values):  # bool and numpy's numbers are Real
+        return np.asarray(values, np.float64).reshape(count, num_frames).mean(axis=1).tolist()
+    return [values[clip * num_frames + frame] for clip, frame in enumerate(worst.tolist())]

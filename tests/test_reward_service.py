@@ -175,3 +175,7 @@ def test_the_check_names_the_difference():
     with pytest.raises(RewardServiceError, match=r"^reward.heldout: the service 'mix' scores the held-out reward "
                                                  r"digit_judge_2 but the run's is aesthetic; "):
         check_matches(service, RewardConfig(weighted=mix(0.5, 0.5), heldout=[RewardTerm("aesthetic")]))
+    # an image reward on clips: the service's reduction of the frames is the run's
+    with pytest.raises(RewardServiceError, match=r"^reward.frame_reduction: the service 'mix' reduces a clip's "
+                                                 r"frames by their mean but the run's is min; "):
+        check_matches(service, RewardConfig(weighted=mix(0.5, 0.5), frame_reduction="min"))
