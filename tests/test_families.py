@@ -235,8 +235,11 @@ def test_one_update_through_ray(ray_session, folders, name, tmp_path):
     if name == "wan":  # `ddpo export`: the run's LoRA loads into a plain WanPipeline and changes its clips
         from diffusers import WanPipeline
 
-        from cluster.workflow import export_run
+        from cluster.workflow import export_run, sample_run
 
+        # `ddpo sample`: an MP4 per clip and the animated grid
+        result = sample_run(run_dir, prompts=["a cat"], num_per_prompt=1, out=tmp_path / "samples", progress=False)
+        assert [p.suffix for p in result.samples] == [".mp4"] and (tmp_path / "samples" / "grid.gif").is_file()
         export_run(run_dir, tmp_path / "export")
         assert "text-to-video" in (tmp_path / "export" / "README.md").read_text()
         pipe = WanPipeline.from_pretrained(folders[name])
