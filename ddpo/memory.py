@@ -21,6 +21,10 @@ of the tensors alive at each moment. Per device:
   log-probs;
 - the prompt cache: the conditioning rows of the run's prompts kept on the device.
 
+A video family's sample is a clip: its latents [C, f, h, w] have the latent frames of
+`sample.num_frames` under the family's `frame_multiple` (Wan: 33 frames, 9 latent frames), and
+every forward and decode above is traced at that shape (docs/video.md).
+
 GPUs run attention as fused SDPA (flash / memory-efficient), which never holds the L x L score
 matrix; on meta the math path would, so the trace swaps `scaled_dot_product_attention` for a
 stand-in of the fused kernel's footprint: the output, and for backward q, k, v, the output and the
@@ -354,6 +358,11 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     for name, sub in module.named_modules():
         if keep and any(k in name.split(".") or name.endswith(k) for k in keep):
             sub.float()
+    # diffusers' loader matches parameter names too: a kept name may be a parameter of its own
+    # (Wan's `scale_shift_table` in every block)
+    for name, param in module.named_parameters():
+        if keep and any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
     return module
 
 
@@ -453,7 +462,8 @@ def meta_model(pretrained: str, revision: str | None, dtype: str, lora_rank: int
 
 @dataclass(frozen=True)
 class Shapes:
-    """What sets the activations' size: latents [batch, C, h, w] and the text tokens."""
+    """What sets the activations' size: latents [batch, C, h, w] (a video family's [batch, C, f,
+    h, w]) and the text tokens."""
 
     latent_channels: int
     latent_height: int
@@ -469,6 +479,14 @@ def vae_scale_factor(model: MetaModel) -> int:
 
 def latent_channels(model: MetaModel) -> int:
     return model.family.latent_channels(model.vae.config)
+
+
+def latent_frames(model: MetaModel, num_frames: int) -> int:
+    """A clip's latent frames, as the family's VAE compresses time (`frame_multiple`, read from
+    the components' configs): one for the first frame and one per `frame_multiple` frames after
+    it (Wan: 33 frames -> 9); 1 for an image family."""
+    multiple = model.family.frame_multiple(lambda name: model.modules[name].config)
+    return (num_frames - 1) // multiple + 1 if multiple else 1
 
 
 def text_tokens(model: MetaModel, pretrained: str, max_sequence_length: int | None) -> int:
@@ -627,6 +645,9 @@ class MemoryPlan:
     offload_text_encoders: bool
     devices: list[DevicePlan] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # one sample's latents as the denoiser takes them: [C, h, w], a clip's [C, f, h, w]
+    latent_shape: list[int] = field(default_factory=list)
+    num_frames: int = 1  # sample.num_frames
 
     @property
     def fits(self) -> bool | None:
@@ -733,7 +754,7 @@ def plan_for(config: Config, pretrained: str, device_memory_bytes: int | None = 
     model = meta_model(*key)
     scale = vae_scale_factor(model)
     shapes = Shapes(latent_channels(model), s.height // scale, s.width // scale,
-                    text_tokens(model, pretrained, m.max_sequence_length))
+                    text_tokens(model, pretrained, m.max_sequence_length), latent_frames(model, s.num_frames))
     if model.family.sequence_masks and m.max_sequence_length is None:  # as long as the prompt, to a maximum
         notes.append(f"{model.family.__name__} conditions on the prompt's own tokens: planned for "
                      f"{shapes.text_tokens} (model.max_sequence_length sets it)")
@@ -766,8 +787,11 @@ def plan_for(config: Config, pretrained: str, device_memory_bytes: int | None = 
     else:
         members = [[f"learner-{i}"] for i in range(num_learners)] + [[f"sampler-{i}"] for i in range(num_samplers)]
 
+    clip = [shapes.latent_frames] if model.family.medium == "video" else []
     plan = MemoryPlan(pretrained, model.source, m.dtype, layout, device_memory_bytes, model.lora_params,
-                      model.lora_targets, t.gradient_checkpointing, m.offload_text_encoders, notes=notes)
+                      model.lora_targets, t.gradient_checkpointing, m.offload_text_encoders, notes=notes,
+                      latent_shape=[shapes.latent_channels, *clip, shapes.latent_height, shapes.latent_width],
+                      num_frames=s.num_frames)
     for index, roles in enumerate(members):
         learner = next((int(r.split("-")[1]) for r in roles if r.startswith("learner")), None)
         sampler = any(r.startswith("sampler") for r in roles)
@@ -810,6 +834,9 @@ def describe(plan: MemoryPlan) -> str:
     lines = [f"memory plan: {plan.pretrained} in {plan.dtype}, layout {plan.layout}, device memory {memory}",
              f"  configs: {plan.source}",
              f"  LoRA: {plan.lora_params / 1e6:.2f}M parameters (float32) on {plan.lora_targets}"]
+    if len(plan.latent_shape) == 4:  # a video family: its activations are counted per clip
+        lines.append(f"  clips: {plan.num_frames} frames, latents {plan.latent_shape} [C, f, h, w] a clip "
+                     "(each 'latent' below is a clip)")
     groups: dict[tuple, list[DevicePlan]] = {}
     for d in plan.devices:
         signature = (tuple(r.split("-")[0] for r in d.roles), d.total_bytes, d.startup_bytes, d.fits)

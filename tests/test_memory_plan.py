@@ -50,6 +50,23 @@ def test_shipped_model_configs_have_the_published_sizes():
             assert all(p.dtype == torch.bfloat16 for p in base)
 
 
+def test_shipped_wan_configs_have_the_published_sizes():
+    """Wan 2.1 T2V 1.3B: the transformer of 1.42B parameters, UMT5-XXL's encoder and the video
+    VAE; in bfloat16 but for the modules diffusers keeps in float32 (`_keep_in_fp32_modules`:
+    the time embedder, the modulation tables, the cross-attention norms) and the VAE, which the
+    family runs in float32 (`Wan.upcast`)."""
+    model = memory.meta_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None, "bfloat16", 4, 4.0, ())
+    counts = {"transformer": 1_418_996_800, "text_encoder": 5_680_910_336, "vae": 126_892_531}
+    for name, count in counts.items():
+        module = model.modules[name]
+        kept = memory._keep_in_float32(module, torch.bfloat16)
+        base = {n: p for n, p in module.named_parameters() if not p.requires_grad}
+        assert sum(p.numel() for p in base.values()) == count, name
+        assert {n for n, p in base.items() if p.dtype == torch.float32} == {
+            n for n in base if name == "vae" or any(k in n.split(".") for k in kept)}, name  # as diffusers matches them
+        assert all(p.dtype in (torch.bfloat16, torch.float32) for p in base.values())
+
+
 @pytest.mark.parametrize("pretrained", ["builtin:tiny", "builtin:digits-flow"])
 def test_weights_are_the_real_parameters_bytes(pretrained):
     """The meta model's bytes per module are those of the pipeline load_pipeline really loads."""
@@ -170,3 +187,51 @@ def test_a_kl_to_the_reference_adds_its_forward_while_the_graph_is_held():
     plain = plan_memory(load_config(CONFIGS / "tiny.yaml")).devices[0]
     kl = plan_memory(load_config(CONFIGS / "tiny.yaml", ["train.kl_coef=0.01"])).devices[0]
     assert kl.training_bytes_full > plain.training_bytes_full
+
+
+def test_a_clip_is_planned_for_its_latent_frames(tmp_path):
+    """A video family's activations are those of its clips: sample.num_frames gives the latent
+    frames (num_frames - 1) // 2 + 1 of the tiny Wan's VAE (2x in time; Wan's is 4x). Every
+    tensor of the transformer is per token (fused attention holds no L x L scores), so a forward's
+    peak is a + b * latent_frames, b a latent frame's tokens' bytes and a what no latent frame adds
+    (the 8 text tokens', the timestep's): equal steps from 1 to 3 to 5 latent frames. Then 9
+    frames (5 latent frames) against 5 (3) is (a + 5b) / (a + 3b) = 5/3 * (1 - 0.4 a / (a + 3b)):
+    at 64 x 64 (a latent frame is 16 x 16 = 256 tokens) a is under 1% of the 3-frame peak, so the
+    ratio is 5/3 within 0.4%; asserted within 1%."""
+    from tests.tiny_families import build_tiny_wan
+
+    build_tiny_wan().save_pretrained(tmp_path)
+    plans = {frames: plan_memory(load_config(None, [f"model.pretrained={tmp_path}", f"sample.num_frames={frames}",
+                                                    "sample.height=64", "sample.width=64",
+                                                    "model.max_sequence_length=8"]))
+             for frames in (1, 5, 9)}
+    assert [plans[f].latent_shape for f in (1, 5, 9)] == [[4, 1, 32, 32], [4, 3, 32, 32], [4, 5, 32, 32]]
+    device = {frames: plan.devices[0] for frames, plan in plans.items()}
+    for phase in ("sampling_bytes", "training_bytes_full", "training_bytes_checkpointed"):
+        one, three, five = (getattr(device[f], phase) for f in (1, 5, 9))
+        assert five - three == pytest.approx(three - one, rel=1e-3), phase  # linear in latent frames
+        assert one - (three - one) / 2 < 0.01 * three, phase  # a = peak(1) - b: under 1%
+        assert five / three == pytest.approx(5 / 3, rel=0.01), phase
+    # the decode of the 8 clips grows with them, and holds at least the decoded frames (float32)
+    assert device[9].decode_bytes > device[5].decode_bytes > device[1].decode_bytes
+    assert device[9].decode_bytes >= 8 * 3 * 9 * 64 * 64 * 4
+    # the prompt cache holds text alone: the same for any clip length
+    assert device[1].prompt_cache_bytes == device[9].prompt_cache_bytes > 0
+    assert "clips: 9 frames, latents [4, 5, 32, 32]" in memory.describe(plans[9])
+
+
+def test_the_video_table_is_the_plan_of_one_clip(tmp_path):
+    """bench/video_plan.py, which makes docs/video.md's tables: a point is `ddpo plan` of
+    configs/wan21_1_3b.yaml with one clip a batch (CFG: the clip twice in every forward), and its
+    14B folder builds Wan 2.1's 14B transformer (14.29B parameters)."""
+    from tests.conftest import load_script
+
+    bench = load_script("bench/video_plan.py")
+    row = bench.point(CONFIGS / "wan21_1_3b.yaml", 33, "240x416")
+    assert (row["latents"], row["tokens"]) == ([9, 30, 52], 9 * 15 * 26)
+    device = plan_memory(load_config(CONFIGS / "wan21_1_3b.yaml", bench.ONE_CLIP)).devices[0]
+    assert (device.sampling_batch, device.training_batch, device.decode_batch) == (2, 2, 1)
+    assert row["training_checkpointed_gib"] == round(device.training_bytes_checkpointed / GIB, 2)
+    assert row["peak_gib"] < row["peak_no_ckpt_gib"] and row["fits H100 80GB"] and row["fits H200"]
+    model = memory.meta_model(str(bench.wan_14b_folder(tmp_path)), None, "bfloat16", 4, 4.0, ())
+    assert sum(p.numel() for p in model.modules["transformer"].parameters() if not p.requires_grad) == 14_288_491_584

@@ -254,7 +254,8 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- the model as the memory plan traces it on the meta device (ddpo/memory.py) ---------
-    # `shapes` is a ddpo.memory.Shapes: latent_channels, latent_height, latent_width, text_tokens
+    # `shapes` is a ddpo.memory.Shapes: latent_channels, latent_height, latent_width, text_tokens,
+    # latent_frames (a video family's)
 
     @classmethod
     def meta_inputs(cls, denoiser: torch.nn.Module, batch: int, shapes) -> dict:

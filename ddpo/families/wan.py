@@ -5,8 +5,12 @@ prompt. The Flow-GRPO SDE, its window and CPS step the 5-D latents as they step 
 (ddpo/flow.py works on any shape); `decode` returns the clips as Media.
 
 The published checkpoints ship a UniPC multistep scheduler (a predictor-corrector, not one
-Gaussian step per action); as Flow-GRPO and DanceGRPO do for Wan, `prepare` swaps in the Euler
-flow-matching scheduler with the same shift (`flow_shift`), whose steps the SDE's are."""
+Gaussian step per action). `prepare` swaps in the Euler flow-matching scheduler with the same
+shift (`flow_shift`), whose steps the SDE's are, so that WanPipeline itself samples as the run
+does. Flow-GRPO instead keeps UniPC's sigma grid and steps it with its SDE; the Euler
+scheduler's own grid differs from it in the last steps (20 steps: ..., 0.150, 0.009, 0 against
+UniPC's ..., 0.139, 0). The VAE decodes in float32 whatever `model.dtype`, as the diffusers Wan
+examples load it."""
 
 from __future__ import annotations
 
@@ -41,7 +45,14 @@ class Wan(FlowMatchFamily):
             pipe.scheduler = FlowMatchEulerDiscreteScheduler(
                 num_train_timesteps=scheduler.config.num_train_timesteps,
                 shift=scheduler.config.get("flow_shift") or 1.0)
+        cls.upcast(pipe.components)
         return super().prepare(pipe)
+
+    @classmethod
+    def upcast(cls, components):
+        vae = components.get("vae")
+        if vae is not None and vae.dtype != torch.float32:
+            vae.float()  # not .to(dtype), which warns about float32 modules the VAE has none of
 
     @classmethod
     def vae_scale_factor(cls, vae_config) -> int:
