@@ -41,6 +41,7 @@ REGISTRY: dict[str, str] = {
     "pickscore": "rewards.pickscore:PickScore",
     "digit_judge": "rewards.digits:DigitJudge",
     "digit_judge_2": "rewards.digits:DigitJudge2",
+    "digit_motion": "rewards.digits:DigitMotion",
     "hpsv2": "rewards.hpsv2:HPSv2",
     "image_reward": "rewards.image_reward:ImageReward",
     "ocr": "rewards.ocr:OCRReward",
