@@ -36,7 +36,8 @@ test: $(VENV)/.test-installed
 # nor AVX-512 runs them: their tolerances follow from the computation, not from one CPU's bits
 SENSITIVE = tests/test_family_seam.py tests/test_learner_group.py tests/test_resume.py tests/test_families.py tests/test_learner.py \
 	tests/test_diffusion.py tests/test_flow.py tests/test_losses.py tests/test_sde_window.py tests/test_nft.py \
-	tests/test_hpsv2.py tests/test_image_reward.py tests/test_ocr.py tests/test_vlm_judge.py tests/test_digits.py
+	tests/test_hpsv2.py tests/test_image_reward.py tests/test_ocr.py tests/test_vlm_judge.py tests/test_digits.py \
+	tests/test_digits_video.py
 # (the model families' one-update Ray runs check the wiring, not the numbers: their log-probs are
 # held in-process in the same module)
 test-plain-kernels: $(VENV)/.test-installed

@@ -31,11 +31,15 @@ BUILTIN_FOLDERS = {
     # its flow-matching twin: a tiny StableDiffusion3Pipeline (SD3 transformer, two CLIP encoders,
     # no T5) on the same VAE and text encoder, trained by rectified flow (same script)
     "builtin:digits-flow": Path(__file__).resolve().parent / "assets" / "digits-flow",
+    # a tiny text-to-video model of the same digits moving left, right, up or down: a WanPipeline
+    # (causal video VAE, UMT5 text encoder, Wan transformer), trained by rectified flow (same script)
+    "builtin:digits-video": Path(__file__).resolve().parent / "assets" / "digits-video",
 }
 # the T5 sequence length (`model.max_sequence_length`) a builtin model was trained with, where it
 # is not its pipeline's default: digits-flow has no T5 and was trained on one zero "T5 token"
-# after its 8 CLIP tokens (scripts/train_digits.py's `flow.max_sequence_length`)
-BUILTIN_MAX_SEQUENCE_LENGTH = {"builtin:digits-flow": 1}
+# after its 8 CLIP tokens (scripts/train_digits.py's `flow.max_sequence_length`); digits-video's
+# UMT5 embeddings were zero-padded to 8 tokens, its longest prompt (`video.max_sequence_length`)
+BUILTIN_MAX_SEQUENCE_LENGTH = {"builtin:digits-flow": 1, "builtin:digits-video": 8}
 
 # Words the tiny tokenizer knows; anything else maps to [UNK]. Enough for the default prompts
 # and tests; the tiny model is random, so its vocabulary only needs to tell prompts apart.

@@ -8,7 +8,7 @@ training digit (a blob the CNN still calls a four) gets little probability for a
 were fitted on the same split, never on its held-out digits. `scripts/train_digits.py` fits them
 (and the `builtin:digits` models).
 
-`digit_motion` scores clips of a digit that moves: judge 1 on each frame,
+`digit_motion` scores clips of a digit that moves (`builtin:digits-video`): judge 1 on each frame,
 times a check that the digit's ink moved the prompted way (left, right, up or down).
 """
 

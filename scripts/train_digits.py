@@ -1,11 +1,12 @@
 """Train the embedded digits model (`builtin:digits`), its judge (`digit_judge`), its
-flow-matching twin (`builtin:digits-flow`) and a second judge (`digit_judge_2`) from
-scikit-learn's bundled 8x8 handwritten digits.
+flow-matching twin (`builtin:digits-flow`), a second judge (`digit_judge_2`) and a
+text-to-video twin (`builtin:digits-video`) from scikit-learn's bundled 8x8 handwritten digits.
 Seeded and deterministic on CPU. On 2 cores steps 1-5 take 220 s; step 6 took 175 s of training
 and 4 s of judging while other jobs loaded the cores (3 min of CPU time).
 
     python scripts/train_digits.py [--settings ddpo/assets/train_digits.yaml] [--out ddpo/assets]
-                                   [--only digits|flow|judge2] [--flow-grid samples.png]
+                                   [--only digits|flow|judge2|video] [--flow-grid samples.png]
+                                   [--video-grid clips.png]
 
 1. the judge: a small CNN on the 8x8 ink, held-out accuracy reported (`digits-judge/`);
 2. a tiny AutoencoderKL on the upsampled RGB images;
@@ -31,11 +32,18 @@ and 4 s of judging while other jobs loaded the cores (3 min of CPU time).
    temperature and that distance are fitted on the training digits, each judged by the others
    (leave one out). Its held-out accuracy, and how often it names the same digit as judge 1 on
    the held-out digits and on `digits/`'s samples, are printed and recorded in its config.json
-   (1 s of fitting, 28 s of sampling 1000 images).
+   (1 s of fitting, 28 s of sampling 1000 images);
+8. the video twin (`digits-video/`, float32): a WanPipeline in miniature (a causal
+   AutoencoderKLWan 2x in space and time, a 2-layer UMT5 encoder taught the digits and
+   directions then frozen, a 4-block WanTransformer3DModel on 48 tokens a clip) trained by
+   rectified flow on clips of 5 frames at 16x16 of the training split's digits moving left,
+   right, up or down, with captions as noisy as the image models'. Judged by `digit_motion` with
+   the sampling settings of `configs/digits_video.yaml` (1407 s of training on 2 cores while
+   other jobs shared them, 21 s of judging 400 clips).
 
 `--only flow` runs step 6 alone, on the judge, VAE and text encoder already in OUT, which it
 leaves byte for byte; `--only digits` runs steps 1-5; `--only judge2` runs step 7 alone, on
-OUT/digits-judge and OUT/digits.
+OUT/digits-judge and OUT/digits; `--only video` runs step 8 alone, on OUT/digits-judge.
 """
 
 from __future__ import annotations
@@ -59,21 +67,22 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
-    StableDiffusionPipeline, UNet2DConditionModel,
+    AutoencoderKL, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+    StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel, WanPipeline, WanTransformer3DModel,
 )
 from safetensors.torch import load_model, save_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import (  # noqa: E402
-    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, UMT5Config,
+    UMT5EncoderModel,
 )
 
 from ddpo.config import load_config  # noqa: E402
 from ddpo.rollout import sample_trajectories  # noqa: E402
 from ddpo.pipeline import load_pipeline, sd_scheduler, word_level_tokenizer  # noqa: E402
 from rewards.digits import (  # noqa: E402
-    DIGIT_WORDS, DigitClassifier, DigitJudge, DigitNeighbours, judge_input, load_judge, prompted_digit,
-    render_digits,
+    DIGIT_WORDS, DIRECTIONS, DigitClassifier, DigitJudge, DigitMotion, DigitNeighbours, digit_clips, judge_input,
+    load_judge, prompted_digit, render_digits,
 )
 
 
@@ -473,6 +482,265 @@ def train_digits_flow(s: dict, out: Path, images, train_y, grid: Path | None) ->
           f"({torch.get_num_threads()} threads)")
 
 
+# -- the video twin (builtin:digits-video) --------------------------------------------------------
+# Phrasings of the direction: {direction} is the bare word ("left"), {towards} reads "to the left",
+# "to the right", "up", "down"
+TOWARDS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+
+
+def video_prompt_for(template: str, digit: int, direction: str) -> str:
+    return template.format(word=DIGIT_WORDS[digit], numeral=digit, direction=direction, towards=TOWARDS[direction])
+
+
+def video_caption_prompts(templates: list[str]) -> list[str]:
+    """Every (digit, direction, phrasing) prompt, digit-major then direction, then "" (the last index)."""
+    return [video_prompt_for(t, d, direction) for d in range(10) for direction in DIRECTIONS for t in templates] + [""]
+
+
+def video_vocabulary(templates: list[str]) -> list[str]:
+    words = {w for t in templates for w in t.split() if "{" not in w}
+    words |= {w for phrase in TOWARDS.values() for w in phrase.split()} | set(DIRECTIONS)
+    return sorted(words) + DIGIT_WORDS + [str(d) for d in range(10)]
+
+
+def noisy_video_captions(digits: torch.Tensor, directions: torch.Tensor, num_templates: int, v: dict) -> torch.Tensor:
+    """Indices into `video_caption_prompts` for clips of these digits and directions, as noisy as
+    the image models' captions: the digit replaced by a random one with probability
+    `digit_noise`, the direction (independently) with probability `direction_noise`, a random
+    phrasing, and "" with probability `empty_prompt_fraction` (for classifier-free guidance)."""
+    shape = digits.shape
+    digits = torch.where(torch.rand(shape) < v["digit_noise"], torch.randint(0, 10, shape), digits)
+    directions = torch.where(torch.rand(shape) < v["direction_noise"], torch.randint(0, 4, shape), directions)
+    which = (digits * 4 + directions) * num_templates + torch.randint(0, num_templates, shape)
+    which[torch.rand(shape) < v["empty_prompt_fraction"]] = 40 * num_templates
+    return which
+
+
+def clip_pool(v: dict, pixels: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """Every training digit moving every way, `clips_per_direction` times (a random speed of
+    `speeds` and place each): clips uint8 [N, F, H, W, 3], their digits [N] and directions [N]
+    (indices into DIRECTIONS)."""
+    repeat = 4 * v["clips_per_direction"]
+    directions = np.tile(np.repeat(np.arange(4), v["clips_per_direction"]), len(pixels))
+    speeds = rng.choice(v["speeds"], len(directions))
+    clips = digit_clips(np.repeat(pixels, repeat, axis=0), [list(DIRECTIONS)[k] for k in directions], speeds,
+                        v["num_frames"], v["size"], rng, v["spread"])
+    return clips, torch.as_tensor(np.repeat(labels, repeat)), torch.as_tensor(directions)
+
+
+def to_video_range(clips: np.ndarray) -> torch.Tensor:
+    """uint8 [N, F, H, W, 3] -> float [N, 3, F, H, W] in [-1, 1], as the video VAE sees clips."""
+    return torch.as_tensor(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def frame_by_frame(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """Start the causal VAE as an image autoencoder applied to each frame: every causal 3D
+    convolution sees the current frame only (its taps on earlier frames zeroed), the encoder's
+    temporal downsampling averages the two frames it merges and the decoder's temporal upsampling
+    repeats each latent frame twice. Trained from random taps, the later latent frames stayed
+    blobs long after the first (encoded alone) was sharp; from here, training on single frames
+    first (cheap) teaches every frame, and the clips then teach the two-frame latents."""
+    for name, module in vae.named_modules():
+        if not isinstance(module, torch.nn.Conv3d) or module.kernel_size[0] != 3:
+            continue
+        module.weight[:, :, :2] = 0  # causal: taps 0 and 1 are the earlier frames
+        if name.endswith("time_conv"):
+            module.bias.zero_()
+            eye = torch.eye(module.in_channels)
+            if module.out_channels == module.in_channels:  # the encoder's: (previous, f_1, f_2) -> f_12
+                module.weight[:, :, 1, 0, 0] = eye / 2
+                module.weight[:, :, 2, 0, 0] = eye / 2
+            else:  # the decoder's: one frame's channels -> two frames' (c channels each)
+                module.weight[:, :, 2, 0, 0] = torch.cat([eye, eye])
+    return vae
+
+
+def decode_unclamped(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKLWan's decode (one latent frame at a time through the causal decoder and its
+    caches) without its final clamp to [-1, 1]. Trained through the clamp, the VAE collapses to a
+    white clip: the background's target is 1, where the clamp passes no gradient, and once the
+    decoder overshoots 1 on the ink too nothing learns."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(latents)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def train_video_vae(a: dict, clips: np.ndarray) -> tuple[AutoencoderKLWan, torch.Tensor]:
+    """A tiny causal video VAE (Wan 2.1's AutoencoderKLWan: one 2x downsampling in space and in
+    time, so clips of 2k + 1 frames are k + 1 latent frames at half the size), started frame by
+    frame (`frame_by_frame`) and trained on single frames for `image_steps`, then on the clips for
+    `steps`. It is trained as an autoencoder of the posterior's mean, the latents the transformer
+    learns (no KL term: the latents are normalised per channel afterwards, Wan's latents_mean and
+    latents_std). The squared error counts ink `1 + ink_weight` times the paper: the strokes are a
+    few pixels of each frame, and the judge reads each of them. Returns it and every clip's latents."""
+    vae = frame_by_frame(AutoencoderKLWan(
+        base_dim=a["base_dim"], z_dim=a["z_dim"], dim_mult=a["dim_mult"], num_res_blocks=1,
+        temperal_downsample=a["temporal_downsample"], latents_mean=[0.0] * a["z_dim"], latents_std=[1.0] * a["z_dim"],
+        # what the downsampling does: WanPipeline reads these
+        scale_factor_spatial=2 ** (len(a["dim_mult"]) - 1), scale_factor_temporal=2 ** sum(a["temporal_downsample"])))
+    steps = a["image_steps"] + a["steps"]
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=a["learning_rate"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    vae.train()
+    for step in tqdm(range(steps), desc="video vae (steps: frames, then clips)"):
+        batch = clips[torch.randint(0, len(clips), (a["batch_size"],)).numpy()]
+        batch = to_video_range(batch[:, :1] if step < a["image_steps"] else batch)
+        reconstruction = decode_unclamped(vae, vae.encode(batch).latent_dist.mode())
+        ink = (1 - batch) / 2
+        loss = ((reconstruction - batch).square() * (1 + a["ink_weight"] * ink)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(to_video_range(clips[i:i + 256])).latent_dist.mode()
+                             for i in range(0, len(clips), 256)])
+    vae.register_to_config(latents_mean=latents.mean(dim=(0, 2, 3, 4)).tolist(),
+                           latents_std=latents.std(dim=(0, 2, 3, 4)).tolist())
+    return vae, latents
+
+
+def video_text_encoder(t: dict, tokenizer: PreTrainedTokenizerFast, prompts: list[str], digits: torch.Tensor,
+                       directions: torch.Tensor, max_sequence_length: int) -> UMT5EncoderModel:
+    """A tiny UMT5 encoder taught to tell the prompts' digits and directions apart (its token
+    states, mean-pooled over the prompt's tokens, classify both, "" a class of each), then frozen,
+    as Wan's UMT5 comes pretrained and stays frozen."""
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        **{k: t[k] for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets")}))
+    inputs = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    mask = inputs.attention_mask[..., None].float()
+    heads = torch.nn.ModuleList([torch.nn.Linear(t["d_model"], 11), torch.nn.Linear(t["d_model"], 5)])
+    optimizer = torch.optim.AdamW([*text_encoder.parameters(), *heads.parameters()], lr=t["learning_rate"])
+    for _ in tqdm(range(t["steps"]), desc="video text encoder (steps)"):
+        states = text_encoder(inputs.input_ids, inputs.attention_mask).last_hidden_state
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        loss = F.cross_entropy(heads[0](pooled), digits) + F.cross_entropy(heads[1](pooled), directions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return text_encoder.eval().requires_grad_(False)
+
+
+def train_video(s: dict, pixels: np.ndarray, labels: np.ndarray) -> WanPipeline:
+    """The video twin: clips of the training digits moving left, right, up or down; the VAE on
+    them, the text encoder on their captions, then the transformer by the rectified-flow objective
+    on the VAE's latents and the noisy captions (as `train_flow`): x_t = (1 - sigma) x_0 + sigma
+    eps, the transformer (at timestep 1000 sigma) regressing the velocity eps - x_0."""
+    v = s["video"]
+    a, t, m = v["vae"], v["text_encoder"], v["transformer"]
+    rng = np.random.default_rng(s["seed"])
+    clips, clip_digits, clip_directions = clip_pool(v, pixels, labels, rng)
+    print(f"video: {len(clips)} clips of {v['num_frames']} frames at {v['size']}x{v['size']}")
+    vae, latents = train_video_vae(a, clips)
+
+    templates = v["prompts"]
+    tokenizer = word_level_tokenizer(video_vocabulary(templates), v["max_sequence_length"])
+    prompts = video_caption_prompts(templates)
+    longest = max(len(tokenizer(p).input_ids) for p in prompts)
+    if longest > v["max_sequence_length"]:
+        raise SystemExit(f"video.max_sequence_length: a prompt has {longest} tokens; it must be at least {longest}")
+    prompt_digits = torch.tensor([d for d in range(10) for _ in range(4 * len(templates))] + [10])
+    prompt_directions = torch.tensor([k for _ in range(10) for k in range(4) for _ in templates] + [4])
+    text_encoder = video_text_encoder(t, tokenizer, prompts, prompt_digits, prompt_directions,
+                                      v["max_sequence_length"])
+
+    transformer = WanTransformer3DModel(
+        patch_size=tuple(m["patch_size"]), num_attention_heads=m["num_attention_heads"],
+        attention_head_dim=m["attention_head_dim"], in_channels=a["z_dim"], out_channels=a["z_dim"],
+        text_dim=t["d_model"], freq_dim=m["freq_dim"], ffn_dim=m["ffn_dim"], num_layers=m["num_layers"],
+        rope_max_seq_len=m["rope_max_seq_len"])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=m["shift"])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+    with torch.no_grad():
+        # [P, max_sequence_length, d_model]: the prompts' token states zero-padded, as the pipeline encodes them
+        embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                       max_sequence_length=v["max_sequence_length"], device="cpu")
+    view = (1, a["z_dim"], 1, 1, 1)
+    latents_mean = torch.tensor(vae.config.latents_mean).view(view)
+    latents_std = torch.tensor(vae.config.latents_std).view(view)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=m["learning_rate"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, m["steps"])
+    shift = scheduler.config.shift
+    transformer.train()
+    for _ in tqdm(range(m["steps"]), desc="video transformer (steps)"):
+        idx = torch.randint(0, len(latents), (m["batch_size"],))
+        x0 = (latents[idx] - latents_mean) / latents_std
+        which = noisy_video_captions(clip_digits[idx], clip_directions[idx], len(templates), v)
+        noise = torch.randn_like(x0)
+        u = torch.sigmoid(torch.randn(idx.shape))  # logit-normal, shifted as the scheduler shifts its sigmas
+        sigma = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        velocity = transformer(hidden_states=noisy, timestep=sigma.flatten() * 1000,
+                               encoder_hidden_states=embeds[which]).sample
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    transformer.eval().requires_grad_(False)
+    return pipe
+
+
+def judged_video_accuracy(model_dir: Path, judge_dir: Path, config_path: Path, samples_per_prompt: int,
+                          max_sequence_length: int, grid: Path | None = None) -> dict:
+    """Sample the saved video model (reloaded through from_pretrained, as the Wan family) with a
+    DDPO config's prompts and sampling settings (seeds 10000 (k + 1) + i), scored by the
+    `digit_motion` reward: the fraction of clips whose digit and motion are both right (and each
+    alone), over all and per prompt. `grid`: a PNG of each prompt's first 4 clips, a row per
+    prompt, the frames side by side."""
+    config = load_config(config_path)
+    model = load_pipeline(str(model_dir), max_sequence_length=max_sequence_length)
+    judge = DigitMotion(str(judge_dir))
+    per_prompt, found, rows = {}, {"correct": [], "digit_correct": [], "motion_correct": []}, []
+    for k, prompt in enumerate(config.load_prompts()):
+        seeds = [10_000 * (k + 1) + i for i in range(samples_per_prompt)]
+        frames = sample_trajectories(model, [prompt] * len(seeds), seeds, config.sample).media.frames
+        _, info = judge(frames, [prompt] * len(seeds), [{}] * len(seeds))
+        per_prompt[prompt] = float(np.mean(info["correct"]))
+        for key in found:
+            found[key] += info[key]
+        rows.append(np.concatenate([np.pad(np.concatenate(list(clip), axis=1), ((2, 2), (4, 4), (0, 0)),
+                                           constant_values=128) for clip in frames[:4]], axis=1))
+    if grid is not None:
+        from PIL import Image
+
+        picture = np.concatenate(rows, axis=0)
+        Image.fromarray(picture).resize((picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST).save(grid)
+    return {"accuracy": float(np.mean(found["correct"])), "digit_accuracy": float(np.mean(found["digit_correct"])),
+            "motion_accuracy": float(np.mean(found["motion_correct"])), "per_prompt": per_prompt}
+
+
+def train_digits_video(s: dict, out: Path, pixels: np.ndarray, labels: np.ndarray, grid: Path | None) -> None:
+    """Step 8: the video twin (OUT/digits-video), judged by OUT/digits-judge through `digit_motion`."""
+    start = time.perf_counter()
+    torch.manual_seed(s["seed"])
+    pipe = train_video(s, pixels, labels)
+    model_dir = out / "digits-video"
+    pipe.save_pretrained(model_dir, safe_serialization=True)  # float32: loads with no torch_dtype
+    trained_s = time.perf_counter() - start
+    v = s["video"]
+    e = v["evaluate"]
+    result = judged_video_accuracy(model_dir, out / "digits-judge", ROOT / e["config"], e["samples_per_prompt"],
+                                   v["max_sequence_length"], grid)
+    print(f"digits-video model: judged accuracy (digit and motion right) {result['accuracy']:.3f}; digit "
+          f"{result['digit_accuracy']:.3f}, motion {result['motion_accuracy']:.3f} with {e['config']}'s prompts and "
+          f"sampling settings ({e['samples_per_prompt']} clips per prompt)")
+    print(json.dumps(result["per_prompt"], indent=2))
+    print(f"trained in {trained_s:.0f} s, evaluated in {time.perf_counter() - start - trained_s:.0f} s "
+          f"({torch.get_num_threads()} threads)")
+
+
 # -- the second judge (digit_judge_2) -------------------------------------------------------------
 
 def fit_second_judge(j: dict, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
@@ -569,11 +837,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=Path, default=ROOT / "ddpo" / "assets" / "train_digits.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "ddpo" / "assets",
                         help="writes OUT/digits-judge, OUT/digits, OUT/digits-flow and OUT/digits-judge-2")
-    parser.add_argument("--only", choices=["digits", "flow", "judge2"],
+    parser.add_argument("--only", choices=["digits", "flow", "judge2", "video"],
                         help="digits: steps 1-5 only; flow: step 6 only, on the judge, VAE and text "
                              "encoder already in OUT (which it leaves as they are); judge2: step 7 "
-                             "only, the second judge, beside OUT/digits-judge and OUT/digits")
+                             "only, the second judge, beside OUT/digits-judge and OUT/digits; video: "
+                             "step 8 only, the video twin, judged by OUT/digits-judge")
     parser.add_argument("--flow-grid", type=Path, help="a PNG of the flow model's judged samples")
+    parser.add_argument("--video-grid", type=Path, help="a PNG of the video model's judged clips")
     args = parser.parse_args(argv)
     s = yaml.safe_load(args.settings.read_text())
     torch.use_deterministic_algorithms(True)
@@ -589,6 +859,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "judge2"):
         check_heldout(args.out / "digits-judge", test_x, test_y)
         train_digits_judge_2(s, args.out, images, train_y, test_images, test_y)
+    if args.only in (None, "video"):
+        check_heldout(args.out / "digits-judge", test_x, test_y)  # the judges' split: never its held-out digits
+        train_digits_video(s, args.out, train_x, train_y, args.video_grid)
 
 
 if __name__ == "__main__":
