@@ -12,7 +12,10 @@ Methods (each a config that runs by name: `ddpo train --config configs/<file>`):
 - MixGRPO: configs/digits_flow_mix.yaml, the window sliding along the schedule as training goes;
 - CPS: configs/digits_flow_cps.yaml, the Fast window with coefficients-preserving SDE steps;
 - DiffusionNFT: configs/digits_flow_nft.yaml, ODE sampling, trained on the forward process;
-- DDPO-IS (digits): configs/digits.yaml, the DDIM digits model, for context.
+- DDPO-IS (digits): configs/digits.yaml, the DDIM digits model, for context;
+- Flow-GRPO (video digits): configs/digits_video.yaml, Flow-GRPO on the video digits model
+  (`builtin:digits-video`, reward `digit_motion`: the clip's digit and motion both right), for
+  context.
 
 A run goes on until the judged accuracy of an epoch's training samples, averaged over 3
 consecutive epochs, first reaches 0.9, then `--keep` epochs more (10: the "last 10 epochs"), or
@@ -53,6 +56,7 @@ METHODS = {
     "CPS": ("digits_flow_cps.yaml", []),
     "DiffusionNFT": ("digits_flow_nft.yaml", []),
     "DDPO-IS (digits)": ("digits.yaml", []),
+    "Flow-GRPO (video digits)": ("digits_video.yaml", []),
 }
 TARGET, WINDOW = 0.9, 3  # judged accuracy, averaged over this many consecutive epochs
 
