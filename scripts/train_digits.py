@@ -350,10 +350,25 @@ def flow_pipeline(s: dict, digits_dir: Path) -> StableDiffusion3Pipeline:
     )
 
 
+def rectified_flow_step(transformer, optimizer, schedule, x0: torch.Tensor, shift: float, **conditioning) -> None:
+    """One step of the rectified-flow objective on clean latents x0 [B, ...]: x_t = (1 - sigma) x_0
+    + sigma eps, sigma logit-normal (SD3's) then shifted as the scheduler shifts its sigmas, the
+    transformer (at timestep 1000 sigma, with `conditioning`) regressing the velocity eps - x_0."""
+    noise = torch.randn_like(x0)
+    u = torch.sigmoid(torch.randn(x0.shape[0]))
+    sigma = (shift * u / (1 + (shift - 1) * u)).view(-1, *[1] * (x0.dim() - 1))
+    velocity = transformer(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sigma.flatten() * 1000,
+                           **conditioning).sample
+    loss = F.mse_loss(velocity, noise - x0)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+
+
 def train_flow(s: dict, digits_dir: Path, images: np.ndarray, labels: np.ndarray) -> StableDiffusion3Pipeline:
-    """The rectified-flow objective on the digits model's latents and the same noisy captions:
-    x_t = (1 - sigma) x_0 + sigma eps, the transformer (at timestep 1000 sigma) regressing the
-    velocity eps - x_0; sigma logit-normal, then shifted as the scheduler shifts its sigmas."""
+    """The rectified-flow objective (`rectified_flow_step`) on the digits model's latents and the
+    same noisy captions."""
     f = s["flow"]
     pipe = flow_pipeline(s, digits_dir)
     transformer, vae = pipe.transformer, pipe.vae
@@ -375,17 +390,8 @@ def train_flow(s: dict, digits_dir: Path, images: np.ndarray, labels: np.ndarray
         latents = mean[idx] + std[idx] * torch.randn_like(mean[idx])
         x0 = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         which = noisy_captions(labels[idx], len(s["prompts"]), f["prompt_noise"], f["empty_prompt_fraction"])
-        noise = torch.randn_like(x0)
-        u = torch.sigmoid(torch.randn(idx.shape))  # logit-normal, as SD3
-        sigma = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        velocity = transformer(hidden_states=noisy, timestep=sigma.flatten() * 1000,
-                               encoder_hidden_states=embeds[which], pooled_projections=pooled[which]).sample
-        loss = F.mse_loss(velocity, noise - x0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        rectified_flow_step(transformer, optimizer, schedule, x0, shift, encoder_hidden_states=embeds[which],
+                            pooled_projections=pooled[which])
     transformer.eval().requires_grad_(False)
     return pipe
 
@@ -634,8 +640,7 @@ def video_text_encoder(t: dict, tokenizer: PreTrainedTokenizerFast, prompts: lis
 def train_video(s: dict, pixels: np.ndarray, labels: np.ndarray) -> WanPipeline:
     """The video twin: clips of the training digits moving left, right, up or down; the VAE on
     them, the text encoder on their captions, then the transformer by the rectified-flow objective
-    on the VAE's latents and the noisy captions (as `train_flow`): x_t = (1 - sigma) x_0 + sigma
-    eps, the transformer (at timestep 1000 sigma) regressing the velocity eps - x_0."""
+    (`rectified_flow_step`, as `train_flow`) on the VAE's latents and the noisy captions."""
     v = s["video"]
     a, t, m = v["vae"], v["text_encoder"], v["transformer"]
     rng = np.random.default_rng(s["seed"])
@@ -677,17 +682,7 @@ def train_video(s: dict, pixels: np.ndarray, labels: np.ndarray) -> WanPipeline:
         idx = torch.randint(0, len(latents), (m["batch_size"],))
         x0 = (latents[idx] - latents_mean) / latents_std
         which = noisy_video_captions(clip_digits[idx], clip_directions[idx], len(templates), v)
-        noise = torch.randn_like(x0)
-        u = torch.sigmoid(torch.randn(idx.shape))  # logit-normal, shifted as the scheduler shifts its sigmas
-        sigma = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1, 1)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        velocity = transformer(hidden_states=noisy, timestep=sigma.flatten() * 1000,
-                               encoder_hidden_states=embeds[which]).sample
-        loss = F.mse_loss(velocity, noise - x0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        rectified_flow_step(transformer, optimizer, schedule, x0, shift, encoder_hidden_states=embeds[which])
     transformer.eval().requires_grad_(False)
     return pipe
 
